@@ -1,0 +1,78 @@
+"""Stencil: controlled image generation in the browser.
+
+Composition root: read settings, build the engine, build the page, launch. Run
+`python app.py --help` for the options; every option also reads an environment variable
+so a Hugging Face Space can be configured without editing code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("STENCIL_MODEL", "auto"),
+        help="model family (sd15, sdxl, tiny), a local diffusers folder, or 'auto' "
+        "(sd15 when cached or reachable, else the built-in tiny model) [env STENCIL_MODEL]",
+    )
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        help="address to listen on [env GRADIO_SERVER_NAME]",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+        help="port to listen on [env GRADIO_SERVER_PORT]",
+    )
+    parser.add_argument(
+        "--loras",
+        default=os.environ.get("STENCIL_LORA_DIR", str(Path(__file__).with_name("loras"))),
+        help="folder of the LoRA library [env STENCIL_LORA_DIR]",
+    )
+    parser.add_argument(
+        "--queue-size",
+        type=int,
+        default=int(os.environ.get("STENCIL_QUEUE_SIZE", "32")),
+        help="requests that may wait in the queue before new ones are turned away",
+    )
+    return parser.parse_args(argv)
+
+
+def build_app(args: argparse.Namespace):
+    """Engine, service and page, wired together; nothing is launched here."""
+    from pipelines.engine import Engine
+    from pipelines.service import StencilService
+    from ui import create_demo
+
+    engine = Engine.start(args.model, lora_folder=args.loras)
+    service = StencilService(engine)
+    return create_demo(service, queue_size=args.queue_size)
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    demo = build_app(args)
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        allowed_paths=[],
+        strict_cors=True,
+        enable_monitoring=False,
+        show_error=True,
+        max_file_size="20mb",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Stencil's engine: everything that touches torch and diffusers. Never imports gradio."""

@@ -1,0 +1,399 @@
+"""The engine: one base model in memory, shared by every request.
+
+Per request it composes a pipeline view over the shared components (`from_pipe`: no
+weights are copied), gives it a fresh scheduler and generator, activates that request's
+LoRA set, and runs the denoising loop under one lock. Adapter activation, pipeline
+attributes and ControlNet residuals all live on shared modules, so two requests must
+never interleave on the model; everything before and after (validation, preprocessing,
+PNG encoding) runs outside the lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .controlnets import WindowedMultiControlNet
+from .errors import GenerationCancelled, InvalidRequestError, ModelLoadError
+from .families import (
+    DEFAULT_FAMILY,
+    FAMILIES,
+    ModelFamily,
+    cached_locally,
+    hub_reachable,
+    resolve_family,
+)
+from .requests import GenerationRequest, GenerationResult, ProgressCallback
+from .schedulers import get_scheduler_spec
+from .settings import cache_dir
+
+log = logging.getLogger(__name__)
+
+AUTO_MODEL = "auto"
+OFFLINE_NOTICE = (
+    "Offline: no network and no cached {label}, so Stencil runs its built-in tiny model "
+    "with random weights. Every feature works, but images are test patterns, not pictures."
+)
+
+
+class CancelToken:
+    """Set by the request's owner (the Stop button); checked before and at every step."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    family: str
+    label: str
+    base: str
+    device: str
+    dtype: str
+    offline: bool
+    notice: str | None
+
+
+def pick_device_and_dtype(family: ModelFamily, device: str | None, dtype: str | None):
+    """CUDA: half precision. CPU: float32 for the tiny model (bit-exact tests), bfloat16
+    for real sizes, where it measured about twice as fast as float32 on this CPU."""
+    import torch
+
+    device = (
+        device
+        or os.environ.get("STENCIL_DEVICE")
+        or ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    dtype = dtype or os.environ.get("STENCIL_DTYPE")
+    if dtype is None:
+        if device.startswith("cuda"):
+            # SDXL's VAE overflows in float16; bfloat16 has float32's range.
+            dtype = "bfloat16" if family.architecture == "sdxl" else "float16"
+        else:
+            dtype = "float32" if family.is_local_build else "bfloat16"
+    if dtype not in {"float32", "float16", "bfloat16"}:
+        raise InvalidRequestError("dtype", dtype, "must be float32, float16 or bfloat16")
+    return device, getattr(torch, dtype)
+
+
+class Engine:
+    def __init__(
+        self,
+        family: ModelFamily,
+        *,
+        cache_root: Path | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        notice: str | None = None,
+        lora_folder: Path | str | None = None,
+        map_cache_size: int = 64,
+    ):
+        self.family = family
+        self.cache_root = Path(cache_root) if cache_root else cache_dir()
+        self.device, self.dtype = pick_device_and_dtype(family, device, dtype)
+        self.notice = notice
+        self._lock = threading.RLock()
+        self._controlnets: dict[str, Any] = {}
+        self._map_cache: OrderedDict[tuple, Any] = OrderedDict()
+        self._map_cache_size = map_cache_size
+        self._map_cache_lock = threading.Lock()
+        self.base = self._load_base()
+        self.loras = self._open_lora_library(lora_folder)
+
+    # ---- loading ---------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, model: str = AUTO_MODEL, **kwargs: Any) -> Engine:
+        """Load `model` (a family name or a local folder), or with "auto" the default
+        family when it is cached or the Hub answers, else the tiny family with a notice."""
+        if model != AUTO_MODEL:
+            return cls(resolve_family(model), **kwargs)
+        default = FAMILIES[DEFAULT_FAMILY]
+        notice = OFFLINE_NOTICE.format(label=default.label)
+        if cached_locally(default.base_id) or hub_reachable(default.base_id):
+            try:
+                return cls(default, **kwargs)
+            except ModelLoadError as exc:
+                log.warning("falling back to the tiny model: %s", exc)
+                notice = f"{default.label} could not be loaded ({exc}); " + notice
+        return cls(FAMILIES["tiny"], notice=notice, **kwargs)
+
+    def _load_base(self):
+        pipeline_class = self.family.pipeline_class("text2img")
+        source = self.family.locate(self.cache_root)
+        options: dict[str, Any] = {"torch_dtype": self.dtype, "use_safetensors": True}
+        if self.family.fp16_variant and self.dtype != _torch().float32:
+            options["variant"] = "fp16"
+        if pipeline_class.__name__ == "StableDiffusionPipeline":
+            options.update(safety_checker=None, requires_safety_checker=False)
+        try:
+            pipe = pipeline_class.from_pretrained(source, **options)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(
+                f"could not load {self.family.label} from {source}: {exc}"
+            ) from exc
+        pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _open_lora_library(self, folder):
+        if not folder:
+            return None
+        from .loras import LoraLibrary
+
+        return LoraLibrary(Path(folder), base_tag=self.family.compat_tag)
+
+    def controlnet(self, control_type: str):
+        """The ControlNet for `control_type`, loaded once and kept on the device."""
+        from . import controls
+
+        with self._lock:
+            if control_type not in self._controlnets:
+                ref = controls.controlnet_ref(control_type, self.family.compat_tag)
+                source = self.family.locate_component(ref, self.cache_root)
+                model_class = _diffusers().ControlNetModel
+                try:
+                    net = model_class.from_pretrained(
+                        source, torch_dtype=self.dtype, use_safetensors=True
+                    )
+                except (OSError, ValueError) as exc:
+                    raise ModelLoadError(
+                        f"could not load the {control_type} ControlNet from {source}: {exc}"
+                    ) from exc
+                self._controlnets[control_type] = net.to(self.device)
+            return self._controlnets[control_type]
+
+    @property
+    def status(self) -> EngineStatus:
+        return EngineStatus(
+            family=self.family.name,
+            label=self.family.label,
+            base=self.family.base_id,
+            device=self.device,
+            dtype=str(self.dtype).removeprefix("torch."),
+            offline=self.notice is not None,
+            notice=self.notice,
+        )
+
+    # ---- control maps ----------------------------------------------------------------
+
+    def control_map(self, unit) -> Any:
+        """Run only the unit's preprocessor (cached by image hash, type and settings)."""
+        from . import controls
+        from .images import image_sha256, to_rgb
+
+        image = to_rgb(unit.image)
+        key = (image_sha256(image), unit.control_type, unit.resolution, unit.params)
+        with self._map_cache_lock:
+            if key in self._map_cache:
+                self._map_cache.move_to_end(key)
+                return self._map_cache[key]
+        control_map = controls.make_map(unit.control_type, image, unit.resolution, unit.param_dict)
+        with self._map_cache_lock:
+            self._map_cache[key] = control_map
+            while len(self._map_cache) > self._map_cache_size:
+                self._map_cache.popitem(last=False)
+        return control_map
+
+    # ---- generation ------------------------------------------------------------------
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> GenerationResult:
+        """Run one request. Raises StencilError subclasses for anything the user can fix."""
+        started = time.perf_counter()
+        cancel = cancel or CancelToken()
+        seed = request.seed if request.seed is not None else _random_seed()
+        seeds = tuple(seed + index for index in range(request.num_images))
+        prompt, loras = self._split_lora_tags(request)
+        maps = tuple(self.control_map(unit) for unit in request.controls)
+        width, height = self._output_size(request, maps)
+        warnings = self._prompt_warnings(prompt, request.negative_prompt)
+        with self._acquire(cancel):
+            applied_loras = self._activate_loras(loras)
+            pipe = self._compose(request, maps)
+            images = self._run(pipe, request, prompt, seeds, width, height, maps, progress, cancel)
+        recipe = self._recipe(request, prompt, seed, width, height, applied_loras)
+        return GenerationResult(
+            images=tuple(images),
+            seeds=seeds,
+            control_maps=maps,
+            recipe=recipe,
+            warnings=tuple(warnings),
+            seconds=time.perf_counter() - started,
+        )
+
+    @contextmanager
+    def _acquire(self, cancel: CancelToken):
+        # Poll so that a request cancelled while it waits never touches the model.
+        while not self._lock.acquire(timeout=0.05):
+            if cancel.cancelled:
+                raise GenerationCancelled("stopped before it started")
+        try:
+            if cancel.cancelled:
+                raise GenerationCancelled("stopped before it started")
+            yield
+        finally:
+            self._lock.release()
+
+    def _split_lora_tags(self, request: GenerationRequest):
+        if self.loras is None:
+            return request.prompt, request.loras
+        prompt, tagged = self.loras.extract_prompt_lora_tags(request.prompt)
+        chosen = {choice.name: choice for choice in tagged}
+        chosen.update({choice.name: choice for choice in request.loras})  # fields win
+        return prompt, tuple(chosen.values())
+
+    def _activate_loras(self, loras) -> list[dict]:
+        if self.loras is None:
+            if loras:
+                raise InvalidRequestError("loras", [c.name for c in loras], "no LoRA library")
+            return []
+        return self.loras.activate(self.base, loras)
+
+    def _output_size(self, request: GenerationRequest, maps) -> tuple[int, int]:
+        """The request's size if given, else the first control map's aspect, else square."""
+        from .images import fit_to_multiple
+
+        default = self.family.default_size
+        if request.width and request.height:
+            return request.width, request.height
+        if maps:
+            fitted = fit_to_multiple(maps[0], multiple=8, max_side=default, min_side=64)
+            width, height = fitted.size
+        else:
+            width = height = default
+        return request.width or width, request.height or height
+
+    def _prompt_warnings(self, prompt: str, negative: str) -> list[str]:
+        tokenizer = self.base.tokenizer
+        limit = tokenizer.model_max_length - 2  # start and end tokens take two places
+        warnings = []
+        for label, text in (("prompt", prompt), ("negative prompt", negative)):
+            ids = tokenizer(text, truncation=False, add_special_tokens=False).input_ids
+            if len(ids) > limit:
+                dropped = tokenizer.decode(ids[limit:]).strip()
+                warnings.append(
+                    f"The {label} is {len(ids)} tokens; the model reads the first {limit}. "
+                    f"Ignored: “{dropped[:120]}”"
+                )
+        return warnings
+
+    def _compose(self, request: GenerationRequest, maps):
+        """A pipeline view over the shared weights with this request's own scheduler."""
+        scheduler = get_scheduler_spec(request.scheduler).build(self.base.scheduler.config)
+        with _quiet_diffusers():
+            if not request.controls:
+                pipe = type(self.base).from_pipe(self.base, scheduler=scheduler)
+            else:
+                nets = [self.controlnet(unit.control_type) for unit in request.controls]
+                pipe = self.family.pipeline_class("controlnet").from_pipe(
+                    self.base, controlnet=WindowedMultiControlNet(nets), scheduler=scheduler
+                )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _run(self, pipe, request, prompt, seeds, width, height, maps, progress, cancel):
+        import torch
+
+        total = request.steps
+
+        def on_step_end(pipeline, step: int, timestep, callback_kwargs):
+            if cancel.cancelled:
+                raise GenerationCancelled(f"stopped after step {step + 1} of {total}")
+            if progress is not None:
+                progress(step + 1, total, "denoising")
+            return callback_kwargs
+
+        # One CPU generator per image: image i is reproducible alone with seed + i.
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        options: dict[str, Any] = dict(
+            prompt=prompt,
+            negative_prompt=request.negative_prompt or None,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            width=width,
+            height=height,
+            num_images_per_prompt=request.num_images,
+            generator=generators,
+            callback_on_step_end=on_step_end,
+        )
+        if maps:
+            units = request.controls
+            options.update(
+                image=list(maps),
+                controlnet_conditioning_scale=[float(u.conditioning_scale) for u in units],
+                control_guidance_start=[float(u.guidance_start) for u in units],
+                control_guidance_end=[float(u.guidance_end) for u in units],
+            )
+        with torch.inference_mode():
+            return pipe(**options).images
+
+    def _recipe(self, request, prompt, seed, width, height, applied_loras) -> dict[str, Any]:
+        from .recipe import build_recipe
+
+        return build_recipe(
+            request=request,
+            prompt=prompt,
+            seed=seed,
+            width=width,
+            height=height,
+            family=self.family,
+            loras=applied_loras,
+            controlnets={
+                unit.control_type: self.controlnet_source(unit.control_type)
+                for unit in request.controls
+            },
+        )
+
+    def controlnet_source(self, control_type: str) -> str:
+        from . import controls
+
+        return controls.controlnet_ref(control_type, self.family.compat_tag)
+
+
+@contextmanager
+def _quiet_diffusers():
+    """from_pipe re-casts shared modules and logs a float32 hint for each: noise, not news."""
+    from diffusers.utils import logging as diffusers_logging
+
+    previous = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(previous)
+
+
+def _random_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _diffusers():
+    import diffusers
+
+    return diffusers

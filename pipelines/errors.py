@@ -1,0 +1,63 @@
+"""Typed errors the engine raises. The UI translates them once, at the edge.
+
+Every error carries a message a person can act on: it names the offending field or
+file, the value given, and what is allowed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class StencilError(Exception):
+    """Base for every error that is the user's to fix (not a bug in Stencil)."""
+
+
+class InvalidRequestError(StencilError, ValueError):
+    """A request field is out of range or of the wrong kind."""
+
+    def __init__(self, field: str, value: Any, allowed: str):
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{field}={_short_repr(value)} is not allowed: {allowed}")
+
+
+class UnknownNameError(StencilError, KeyError):
+    """A name (model, scheduler, control type, LoRA) that is not in its registry."""
+
+    def __init__(self, kind: str, name: Any, known: list[str] | tuple[str, ...]):
+        self.kind = kind
+        self.name = name
+        self.known = tuple(known)
+        listed = ", ".join(self.known) if self.known else "none available"
+        super().__init__(f"unknown {kind} {_short_repr(name)}; choose one of: {listed}")
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the whole message
+        return self.args[0]
+
+
+class ImageError(StencilError, ValueError):
+    """An uploaded image that cannot be decoded or used."""
+
+
+class ModelLoadError(StencilError, RuntimeError):
+    """Weights that could not be found or loaded."""
+
+
+class LoraRejectedError(StencilError, ValueError):
+    """A LoRA file refused by validation, with the reason."""
+
+    def __init__(self, name: str, reason: str):
+        self.name = name
+        self.reason = reason
+        super().__init__(f"LoRA {name!r} refused: {reason}")
+
+
+class GenerationCancelled(StencilError):
+    """The request was stopped by its owner; no image is produced."""
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,173 @@
+"""Model family registry: which base weights, which pipeline classes, which LoRAs fit.
+
+Adding a family means adding one `ModelFamily` entry. A family may also be a local folder
+holding a diffusers pipeline (`model_index.json`): its architecture is read from there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .errors import ModelLoadError, UnknownNameError
+
+# Pipeline classes per architecture; ControlNet pipelines are composed from the base one.
+ARCHITECTURES: dict[str, dict[str, str]] = {
+    "sd": {
+        "text2img": "StableDiffusionPipeline",
+        "controlnet": "StableDiffusionControlNetPipeline",
+    },
+    "sdxl": {
+        "text2img": "StableDiffusionXLPipeline",
+        "controlnet": "StableDiffusionXLControlNetPipeline",
+    },
+}
+_ARCHITECTURE_OF_PIPELINE_CLASS = {
+    classes["text2img"]: arch for arch, classes in ARCHITECTURES.items()
+}
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    label: str
+    base_id: str  # a Hub repo id, or a local folder
+    architecture: str  # key of ARCHITECTURES
+    default_size: int
+    # LoRA catalogue entries and ControlNet registry rows are keyed by this tag.
+    compat_tag: str
+    # Makes the base folder locally (the tiny family); None for Hub or user folders.
+    builder: Callable[[Path], Path] | None = None
+    fp16_variant: bool = False
+
+    @property
+    def is_local_build(self) -> bool:
+        return self.builder is not None
+
+    def locate(self, cache_root: Path) -> str:
+        """The id or folder to pass to from_pretrained for the base pipeline."""
+        if self.builder is not None:
+            return str(self.builder(cache_root))
+        return self.base_id
+
+    def locate_component(self, ref: str, cache_root: Path) -> str:
+        """Resolve a ControlNet reference: Hub ids pass through; tiny refs live in its folder."""
+        if self.builder is not None:
+            return str(Path(self.builder(cache_root)) / ref)
+        return ref
+
+    def pipeline_class(self, kind: str):
+        import diffusers
+
+        return getattr(diffusers, ARCHITECTURES[self.architecture][kind])
+
+
+def _build_tiny(cache_root: Path) -> Path:
+    from .tiny import ensure_tiny_family
+
+    return ensure_tiny_family(cache_root)
+
+
+FAMILIES: dict[str, ModelFamily] = {
+    family.name: family
+    for family in (
+        ModelFamily(
+            name="sd15",
+            label="Stable Diffusion 1.5",
+            base_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            architecture="sd",
+            default_size=512,
+            compat_tag="sd15",
+            fp16_variant=True,
+        ),
+        ModelFamily(
+            name="sdxl",
+            label="Stable Diffusion XL",
+            base_id="stabilityai/stable-diffusion-xl-base-1.0",
+            architecture="sdxl",
+            default_size=1024,
+            compat_tag="sdxl",
+            fp16_variant=True,
+        ),
+        ModelFamily(
+            name="tiny",
+            label="Stencil tiny (offline test model, random weights)",
+            base_id="stencil-tiny",
+            architecture="sd",
+            default_size=64,
+            compat_tag="tiny",
+            builder=_build_tiny,
+        ),
+    )
+}
+DEFAULT_FAMILY = "sd15"
+# A local folder's LoRAs and ControlNets follow the registry family of its architecture.
+_COMPAT_OF_ARCHITECTURE = {"sd": "sd15", "sdxl": "sdxl"}
+
+
+def resolve_family(name_or_folder: str) -> ModelFamily:
+    """A registry name, or a local folder with a diffusers `model_index.json`."""
+    if not isinstance(name_or_folder, str) or not name_or_folder.strip():
+        raise UnknownNameError("model", name_or_folder, [*FAMILIES, "a local model folder"])
+    key = name_or_folder.strip()
+    if key in FAMILIES:
+        return FAMILIES[key]
+    folder = Path(key).expanduser()
+    if folder.is_dir():
+        return family_from_folder(folder)
+    raise UnknownNameError("model", key, [*FAMILIES, "a local model folder"])
+
+
+def family_from_folder(folder: Path) -> ModelFamily:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ModelLoadError(f"{folder} is not a diffusers model folder: no model_index.json")
+    try:
+        class_name = json.loads(index.read_text(encoding="utf-8"))["_class_name"]
+    except (ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{index} could not be read: {exc}") from exc
+    arch = _ARCHITECTURE_OF_PIPELINE_CLASS.get(class_name)
+    if arch is None:
+        raise ModelLoadError(
+            f"{folder} holds a {class_name}; Stencil runs "
+            + ", ".join(sorted(_ARCHITECTURE_OF_PIPELINE_CLASS))
+        )
+    template = FAMILIES[_COMPAT_OF_ARCHITECTURE[arch]]
+    return replace(
+        template,
+        name=f"{template.name}:{folder.name}",
+        label=f"{template.label} ({folder.name})",
+        base_id=str(folder.resolve()),
+        fp16_variant=False,
+    )
+
+
+def hub_reachable(repo_id: str, timeout: float = 4.0) -> bool:
+    """Whether the Hub answers for `repo_id` right now, decided quickly.
+
+    Without this, a machine with no network spends ~20 s in retries per missing file
+    before from_pretrained gives up.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return False
+    try:
+        from huggingface_hub import HfApi
+
+        HfApi().model_info(repo_id, timeout=timeout)
+        return True
+    except Exception:  # any failure means "not now": the caller falls back, visibly
+        return False
+
+
+def cached_locally(repo_id: str) -> bool:
+    """Whether the Hub cache already holds this repo's pipeline index (no network used)."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(repo_id, "model_index.json", local_files_only=True)
+        return True
+    except Exception:
+        return False

@@ -1,0 +1,93 @@
+"""Shared fixtures. Every test runs offline on the built-in tiny family."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_CACHE = ROOT / ".cache" / "test"
+
+# Set before anything imports huggingface_hub or gradio: they read these at import time.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["STENCIL_CACHE_DIR"] = str(TEST_CACHE)
+os.environ.setdefault("GRADIO_TEMP_DIR", str(ROOT / ".cache" / "gradio"))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".cache" / "inductor"))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def cache_root() -> Path:
+    TEST_CACHE.mkdir(parents=True, exist_ok=True)
+    return TEST_CACHE
+
+
+@pytest.fixture(scope="session")
+def engine(cache_root):
+    """One engine for the whole session, shared like the app shares it between users."""
+    from pipelines.engine import Engine
+    from pipelines.families import FAMILIES
+
+    return Engine(FAMILIES["tiny"], cache_root=cache_root, lora_folder=None)
+
+
+def pixels(image):
+    import numpy as np
+
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def running_app(cache_root):
+    """`python app.py` in a subprocess, offline, on a free port; yields its URL."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    log_path = ROOT / ".cache" / "app-under-test.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, GRADIO_SERVER_PORT=str(port), STENCIL_MODEL="auto", STENCIL_LORA_DIR="")
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=env, stdout=log, stderr=log
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 180
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"app exited early:\n{log_path.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError as exc:
+                if time.time() > deadline:
+                    tail = log_path.read_text()[-3000:]
+                    raise RuntimeError(f"app did not start:\n{tail}") from exc
+                time.sleep(0.25)
+        print(f"\napp served its page {time.perf_counter() - started:.1f} s after start")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def client(running_app):
+    from gradio_client import Client
+
+    return Client(running_app, verbose=False)
