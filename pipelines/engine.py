@@ -157,13 +157,15 @@ class Engine:
 
         return LoraLibrary(Path(folder), base_tag=self.family.compat_tag)
 
-    def controlnet(self, control_type: str):
-        """The ControlNet for `control_type`, loaded once and kept on the device."""
+    def controlnet_ref(self, unit) -> str:
         from . import controls
 
+        return controls.controlnet_ref(unit.control_type, self.family.compat_tag, unit.param_dict)
+
+    def controlnet(self, ref: str):
+        """The ControlNet `ref` (from the control registry), loaded once, kept on the device."""
         with self._lock:
-            if control_type not in self._controlnets:
-                ref = controls.controlnet_ref(control_type, self.family.compat_tag)
+            if ref not in self._controlnets:
                 source = self.family.locate_component(ref, self.cache_root)
                 model_class = _diffusers().ControlNetModel
                 try:
@@ -171,11 +173,9 @@ class Engine:
                         source, torch_dtype=self.dtype, use_safetensors=True
                     )
                 except (OSError, ValueError) as exc:
-                    raise ModelLoadError(
-                        f"could not load the {control_type} ControlNet from {source}: {exc}"
-                    ) from exc
-                self._controlnets[control_type] = net.to(self.device)
-            return self._controlnets[control_type]
+                    raise ModelLoadError(f"could not load ControlNet {source}: {exc}") from exc
+                self._controlnets[ref] = net.to(self.device)
+            return self._controlnets[ref]
 
     @property
     def status(self) -> EngineStatus:
@@ -224,8 +224,8 @@ class Engine:
         seed = request.seed if request.seed is not None else _random_seed()
         seeds = tuple(seed + index for index in range(request.num_images))
         prompt, loras = self._split_lora_tags(request)
+        width, height = self._output_size(request)
         maps = tuple(self.control_map(unit) for unit in request.controls)
-        width, height = self._output_size(request, maps)
         warnings = self._prompt_warnings(prompt, request.negative_prompt)
         with self._acquire(cancel):
             applied_loras = self._activate_loras(loras)
@@ -269,15 +269,19 @@ class Engine:
             return []
         return self.loras.activate(self.base, loras)
 
-    def _output_size(self, request: GenerationRequest, maps) -> tuple[int, int]:
-        """The request's size if given, else the first control map's aspect, else square."""
-        from .images import fit_to_multiple
+    def _output_size(self, request: GenerationRequest) -> tuple[int, int]:
+        """The request's size if given, else the first control image's aspect at the
+        family's size (checked before any preprocessing), else the family's square."""
+        from .images import fit_to_multiple, to_rgb
 
         default = self.family.default_size
         if request.width and request.height:
             return request.width, request.height
-        if maps:
-            fitted = fit_to_multiple(maps[0], multiple=8, max_side=default, min_side=64)
+        if request.controls:
+            upright = to_rgb(request.controls[0].image)
+            # Up to 4:1 at the family's size; beyond that the image needs cropping.
+            short = max(8, default // 4)
+            fitted = fit_to_multiple(upright, multiple=8, max_side=default, min_side=short)
             width, height = fitted.size
         else:
             width = height = default
@@ -304,7 +308,7 @@ class Engine:
             if not request.controls:
                 pipe = type(self.base).from_pipe(self.base, scheduler=scheduler)
             else:
-                nets = [self.controlnet(unit.control_type) for unit in request.controls]
+                nets = [self.controlnet(self.controlnet_ref(unit)) for unit in request.controls]
                 pipe = self.family.pipeline_class("controlnet").from_pipe(
                     self.base, controlnet=WindowedMultiControlNet(nets), scheduler=scheduler
                 )
@@ -358,16 +362,14 @@ class Engine:
             height=height,
             family=self.family,
             loras=applied_loras,
-            controlnets={
-                unit.control_type: self.controlnet_source(unit.control_type)
-                for unit in request.controls
-            },
+            controlnets=[self.controlnet_ref(unit) for unit in request.controls],
+            preprocessor_weights=[self.preprocessor_weights(unit) for unit in request.controls],
         )
 
-    def controlnet_source(self, control_type: str) -> str:
+    def preprocessor_weights(self, unit) -> str:
         from . import controls
 
-        return controls.controlnet_ref(control_type, self.family.compat_tag)
+        return controls.preprocessor_weights(unit.control_type)
 
 
 @contextmanager

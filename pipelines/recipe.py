@@ -26,7 +26,9 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def build_recipe(*, request, prompt, seed, width, height, family, loras, controlnets) -> dict:
+def build_recipe(
+    *, request, prompt, seed, width, height, family, loras, controlnets, preprocessor_weights
+) -> dict:
     return {
         "stencil_recipe": RECIPE_VERSION,
         "prompt": prompt,
@@ -42,14 +44,17 @@ def build_recipe(*, request, prompt, seed, width, height, family, loras, control
         "controls": [
             {
                 "control_type": unit.control_type,
-                "controlnet": controlnets.get(unit.control_type),
+                "controlnet": controlnet,
+                "preprocessor_weights": weights,
                 "conditioning_scale": unit.conditioning_scale,
                 "guidance_start": unit.guidance_start,
                 "guidance_end": unit.guidance_end,
                 "resolution": unit.resolution,
                 "params": unit.param_dict,
             }
-            for unit in request.controls
+            for unit, controlnet, weights in zip(
+                request.controls, controlnets, preprocessor_weights
+            )
         ],
         "loras": list(loras),
         "versions": library_versions(),

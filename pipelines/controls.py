@@ -1,0 +1,132 @@
+"""Control registry: each control type names its preprocessor and its ControlNet per family.
+
+Adding a control type means adding one `ControlSpec`. The page and the API are generated
+from this table; the engine asks it which ControlNet to load and how to make the map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from .errors import InvalidRequestError, UnknownNameError
+from .preprocessors import PREPROCESSORS, ParamSpec, get_preprocessor, validate_params
+
+# The ControlNet that reads a map a person drew or edited ("image" control).
+MAP_TYPE = ParamSpec(
+    "map_type",
+    "This map is a",
+    "choice",
+    "canny",
+    choices=("canny", "pose", "depth"),
+)
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    name: str
+    label: str
+    preprocessor: str
+    # Compatibility tag of a model family -> ControlNet (Hub id, or a folder inside the
+    # tiny family). None: the ControlNet is chosen by the `map_type` parameter.
+    controlnets: Mapping[str, str] | None
+    own_params: tuple[ParamSpec, ...] = field(default_factory=tuple)
+
+    @property
+    def params(self) -> tuple[ParamSpec, ...]:
+        """Every parameter a unit of this type takes (preprocessor's and the control's)."""
+        return PREPROCESSORS[self.preprocessor].params + self.own_params
+
+    def validate_params(self, given: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+        checked = validate_params(self.params, dict(given or {}), owner=f"control {self.name!r}")
+        return tuple(sorted(checked.items()))
+
+    def controlnet_ref(self, compat_tag: str, params: Mapping[str, Any]) -> str:
+        if self.controlnets is None:
+            return get_control_spec(params.get("map_type", MAP_TYPE.default)).controlnet_ref(
+                compat_tag, params
+            )
+        try:
+            return self.controlnets[compat_tag]
+        except KeyError:
+            raise InvalidRequestError(
+                "control_type",
+                self.name,
+                f"has no ControlNet for the {compat_tag} model yet; available for "
+                + ", ".join(self.controlnets),
+            ) from None
+
+
+CONTROLS: dict[str, ControlSpec] = {
+    spec.name: spec
+    for spec in (
+        ControlSpec(
+            name="pose",
+            label="Pose (OpenPose skeleton)",
+            preprocessor="pose",
+            controlnets={
+                "sd15": "lllyasviel/control_v11p_sd15_openpose",
+                "sdxl": "thibaud/controlnet-openpose-sdxl-1.0",
+                "tiny": "controlnet-pose",
+            },
+        ),
+        ControlSpec(
+            name="canny",
+            label="Canny edges",
+            preprocessor="canny",
+            controlnets={
+                "sd15": "lllyasviel/control_v11p_sd15_canny",
+                "sdxl": "diffusers/controlnet-canny-sdxl-1.0",
+                "tiny": "controlnet-canny",
+            },
+        ),
+        ControlSpec(
+            name="depth",
+            label="Depth",
+            preprocessor="depth",
+            controlnets={
+                "sd15": "lllyasviel/control_v11f1p_sd15_depth",
+                "sdxl": "diffusers/controlnet-depth-sdxl-1.0",
+                "tiny": "controlnet-depth",
+            },
+        ),
+        ControlSpec(
+            name="image",
+            label="Use my image as the map",
+            preprocessor="identity",
+            controlnets=None,
+            own_params=(MAP_TYPE,),
+        ),
+    )
+}
+
+
+def get_control_spec(name: str) -> ControlSpec:
+    try:
+        return CONTROLS[name]
+    except (KeyError, TypeError):
+        raise UnknownNameError("control type", name, list(CONTROLS)) from None
+
+
+def controlnet_ref(control_type: str, compat_tag: str, params: Mapping[str, Any]) -> str:
+    return get_control_spec(control_type).controlnet_ref(compat_tag, params)
+
+
+def make_map(
+    control_type: str, image: Image.Image, resolution: int, params: Mapping[str, Any]
+) -> Image.Image:
+    """Run the control's preprocessor with the parameters that belong to it."""
+    spec = get_control_spec(control_type)
+    preprocessor = get_preprocessor(spec.preprocessor)
+    own = {p.name for p in spec.own_params}
+    return preprocessor(
+        image, resolution=resolution, **{k: v for k, v in params.items() if k not in own}
+    )
+
+
+def preprocessor_weights(control_type: str) -> str:
+    """'real', 'stand-in' or 'none' for the weights this control's preprocessor runs."""
+    return get_preprocessor(get_control_spec(control_type).preprocessor).weights
