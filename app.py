@@ -38,6 +38,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="folder of the LoRA library [env STENCIL_LORA_DIR]",
     )
     parser.add_argument(
+        "--lora-hotswap-rank",
+        type=int,
+        default=int(os.environ.get("STENCIL_LORA_HOTSWAP_RANK", "0")) or None,
+        help="swap LoRAs into fixed slots padded to this rank (needed with --compile) "
+        "[env STENCIL_LORA_HOTSWAP_RANK]",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        default=os.environ.get("STENCIL_COMPILE", "") == "1",
+        help="torch.compile the UNet (GPU; pair with --lora-hotswap-rank) [env STENCIL_COMPILE]",
+    )
+    parser.add_argument(
         "--queue-size",
         type=int,
         default=int(os.environ.get("STENCIL_QUEUE_SIZE", "32")),
@@ -52,9 +65,24 @@ def build_app(args: argparse.Namespace):
     from pipelines.service import StencilService
     from ui import create_demo
 
-    engine = Engine.start(args.model, lora_folder=args.loras)
+    engine = Engine.start(
+        args.model,
+        lora_folder=args.loras,
+        lora_hotswap_rank=args.lora_hotswap_rank,
+        compile_unet=args.compile,
+    )
     service = StencilService(engine)
     return create_demo(service, queue_size=args.queue_size)
+
+
+def limit_image_decoding() -> None:
+    """Set PIL's decompression-bomb guard to Stencil's limit before anything is decoded,
+    by us or by Gradio, so a few-KB PNG that claims 100000x100000 pixels is refused."""
+    from PIL import Image
+
+    from pipelines.images import MAX_IMAGE_PIXELS
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
+    limit_image_decoding()
     demo = build_app(args)
     demo.launch(
         server_name=args.host,

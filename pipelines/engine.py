@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .controlnets import WindowedMultiControlNet
-from .errors import GenerationCancelled, InvalidRequestError, ModelLoadError
+from .errors import GenerationCancelled, ImageError, InvalidRequestError, ModelLoadError
 from .families import (
     DEFAULT_FAMILY,
     FAMILIES,
@@ -100,6 +100,8 @@ class Engine:
         dtype: str | None = None,
         notice: str | None = None,
         lora_folder: Path | str | None = None,
+        lora_hotswap_rank: int | None = None,
+        compile_unet: bool = False,
         map_cache_size: int = 64,
     ):
         self.family = family
@@ -112,7 +114,9 @@ class Engine:
         self._map_cache_size = map_cache_size
         self._map_cache_lock = threading.Lock()
         self.base = self._load_base()
-        self.loras = self._open_lora_library(lora_folder)
+        self.loras = self._open_lora_library(lora_folder, lora_hotswap_rank)
+        if compile_unet:
+            self._compile_unet()
 
     # ---- loading ---------------------------------------------------------------------
 
@@ -150,12 +154,26 @@ class Engine:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def _open_lora_library(self, folder):
+    def _open_lora_library(self, folder, hotswap_rank: int | None):
         if not folder:
             return None
         from .loras import LoraLibrary
 
-        return LoraLibrary(Path(folder), base_tag=self.family.compat_tag)
+        library = LoraLibrary(
+            Path(folder), base_tag=self.family.compat_tag, hotswap_rank=hotswap_rank
+        )
+        # Binding now sets up hotswap slots before any compilation sees the UNet.
+        library.bind(self.base)
+        return library
+
+    def _compile_unet(self) -> None:
+        """torch.compile the shared UNet. Pair it with LoRA hotswap (a fixed-rank slot set),
+        or every new adapter triggers a recompilation."""
+        import torch
+
+        if self.loras is not None and self.loras.hotswap_rank is None:
+            log.warning("compiling without LoRA hotswap: each new adapter will recompile")
+        self.base.unet = torch.compile(self.base.unet, fullgraph=False)
 
     def controlnet_ref(self, unit) -> str:
         from . import controls
@@ -228,7 +246,7 @@ class Engine:
         maps = tuple(self.control_map(unit) for unit in request.controls)
         warnings = self._prompt_warnings(prompt, request.negative_prompt)
         with self._acquire(cancel):
-            applied_loras = self._activate_loras(loras)
+            applied_loras = self._activate_loras(loras, request.session_id)
             pipe = self._compose(request, maps)
             images = self._run(pipe, request, prompt, seeds, width, height, maps, progress, cancel)
         recipe = self._recipe(request, prompt, seed, width, height, applied_loras)
@@ -257,32 +275,31 @@ class Engine:
     def _split_lora_tags(self, request: GenerationRequest):
         if self.loras is None:
             return request.prompt, request.loras
-        prompt, tagged = self.loras.extract_prompt_lora_tags(request.prompt)
+        prompt, tagged = self.loras.extract_prompt_lora_tags(
+            request.prompt, session_id=request.session_id
+        )
         chosen = {choice.name: choice for choice in tagged}
         chosen.update({choice.name: choice for choice in request.loras})  # fields win
         return prompt, tuple(chosen.values())
 
-    def _activate_loras(self, loras) -> list[dict]:
+    def _activate_loras(self, loras, session_id: str | None) -> list[dict]:
         if self.loras is None:
             if loras:
                 raise InvalidRequestError("loras", [c.name for c in loras], "no LoRA library")
             return []
-        return self.loras.activate(self.base, loras)
+        return self.loras.activate(self.base, loras, session_id=session_id)
 
     def _output_size(self, request: GenerationRequest) -> tuple[int, int]:
         """The request's size if given, else the first control image's aspect at the
         family's size (checked before any preprocessing), else the family's square."""
-        from .images import fit_to_multiple, to_rgb
+        from .images import to_rgb
 
         default = self.family.default_size
         if request.width and request.height:
             return request.width, request.height
         if request.controls:
             upright = to_rgb(request.controls[0].image)
-            # Up to 4:1 at the family's size; beyond that the image needs cropping.
-            short = max(8, default // 4)
-            fitted = fit_to_multiple(upright, multiple=8, max_side=default, min_side=short)
-            width, height = fitted.size
+            width, height = size_like(*upright.size, long_side=default)
         else:
             width = height = default
         return request.width or width, request.height or height
@@ -370,6 +387,25 @@ class Engine:
         from . import controls
 
         return controls.preprocessor_weights(unit.control_type)
+
+
+MAX_ASPECT = 4.0
+
+
+def size_like(width: int, height: int, *, long_side: int, multiple: int = 8) -> tuple[int, int]:
+    """The control image's aspect at the family's size: the long side becomes `long_side`
+    (up or down), each side a multiple of `multiple`."""
+    long, short = max(width, height), min(width, height)
+    if short < 1 or long > short * MAX_ASPECT:
+        raise ImageError(
+            f"the control image is {width}x{height} pixels (aspect ratio "
+            f"{long / max(short, 1):.1f}:1); Stencil generates shapes up to "
+            f"{MAX_ASPECT:g}:1, so crop it or set width and height"
+        )
+    scale = long_side / long
+    return tuple(
+        max(multiple, round(side * scale / multiple) * multiple) for side in (width, height)
+    )
 
 
 @contextmanager

@@ -109,7 +109,13 @@ def read_recipe(image) -> dict[str, Any] | None:
 def python_snippet(recipe: dict) -> str:
     """The same recipe as a runnable plain-diffusers script (LoRAs and controls included)."""
     base = recipe["model"]["base"]
-    lines = [
+    lines = []
+    if recipe["model"].get("family") == "tiny":
+        lines += [
+            "# 'stencil-tiny' is Stencil's offline test model: make it with",
+            "# pipelines.tiny.ensure_tiny_family(folder) and use that folder here.",
+        ]
+    lines += [
         "import torch",
         "from diffusers import (",
         "    ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline,",
@@ -143,12 +149,9 @@ def python_snippet(recipe: dict) -> str:
     lines.append(
         f"pipe.scheduler = {scheduler_class}.from_config(pipe.scheduler.config{overrides})"
     )
-    loras = recipe.get("loras") or []
+    loras = [lora for lora in recipe.get("loras") or [] if lora.get("active", True)]
     for lora in loras:
-        lines.append(
-            f"pipe.load_lora_weights({lora.get('source', lora['name'])!r}, "
-            f"adapter_name={lora['name']!r})  # sha256 {lora.get('sha256', '?')[:12]}"
-        )
+        lines.append(_load_lora_line(lora))
     if loras:
         names = [lora["name"] for lora in loras]
         weights = [lora["weight"] for lora in loras]
@@ -170,6 +173,21 @@ def python_snippet(recipe: dict) -> str:
         ]
     lines += ["image = pipe(", *call, ").images[0]", 'image.save("out.png")']
     return "\n".join(lines) + "\n"
+
+
+def _load_lora_line(lora: dict) -> str:
+    digest = f"  # sha256 {(lora.get('sha256') or '?')[:16]}"
+    if lora.get("repo_id"):
+        return (
+            f"pipe.load_lora_weights({lora['repo_id']!r}, weight_name={lora['weight_name']!r}, "
+            f"revision={lora['revision']!r}, adapter_name={lora['name']!r}){digest}"
+        )
+    if lora.get("file"):
+        return (
+            f"pipe.load_lora_weights('loras', weight_name={lora['file']!r}, "
+            f"adapter_name={lora['name']!r}){digest}"
+        )
+    return f"# {lora['name']!r} was uploaded in the page; load your copy of it here{digest}"
 
 
 def _scheduler_class(name: str) -> str:

@@ -126,6 +126,8 @@ class GenerationRequest:
     num_images: int = 1
     controls: tuple[ControlUnit, ...] = ()
     loras: tuple[LoraChoice, ...] = ()
+    # Whose uploaded LoRAs are visible to this request; not part of the recipe.
+    session_id: str | None = None
 
     def __post_init__(self) -> None:
         _check_text("prompt", self.prompt, LIMITS.max_prompt_chars)

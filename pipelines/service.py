@@ -162,6 +162,7 @@ class StencilService:
                 unit.to_unit(position) for position, unit in enumerate(units, 1) if unit.active
             ),
             loras=lora_choices,
+            session_id=session_id,
         )
 
     def preview_control(self, unit: UnitFields) -> str:
@@ -176,6 +177,58 @@ class StencilService:
             return []
         return [entry.to_public_dict() for entry in self.engine.loras.entries(session_id)]
 
+    def add_lora_upload(self, path: str | Path, session_id: str) -> dict[str, Any]:
+        """Validate an uploaded LoRA file and register it for this session only."""
+        if self.engine.loras is None:
+            raise InvalidRequestError("lora_file", str(path), "this server has no LoRA library")
+        data = _read_capped(Path(path), self.engine.loras.max_upload_bytes)
+        entry = self.engine.loras.add_upload(data, Path(path).name, session_id)
+        return entry.to_public_dict()
+
+    def status(self) -> dict[str, Any]:
+        """What the page's status line shows: model, offline mode, preprocessor weights."""
+        from .controls import CONTROLS, preprocessor_weights
+
+        status = self.engine.status
+        return {
+            "family": status.family,
+            "label": status.label,
+            "base": status.base,
+            "device": status.device,
+            "dtype": status.dtype,
+            "offline": status.offline,
+            "notice": status.notice,
+            "preprocessor_weights": {name: preprocessor_weights(name) for name in CONTROLS},
+        }
+
+    @staticmethod
+    def read_recipe(path: str | Path) -> dict[str, Any]:
+        from .images import load_image
+        from .recipe import read_recipe
+
+        recipe = read_recipe(load_image(Path(path)))
+        if recipe is None:
+            raise InvalidRequestError(
+                "recipe_image", Path(path).name, "this PNG carries no Stencil recipe"
+            )
+        return recipe
+
+    @staticmethod
+    def python_snippet(recipe: dict[str, Any]) -> str:
+        from .recipe import python_snippet
+
+        return python_snippet(recipe)
+
+    @staticmethod
+    def estimate_gpu_seconds(
+        *, steps: int, width: int, height: int, num_images: int, controls: int
+    ) -> int:
+        """A generous bound for a Space's GPU slot: SD 1.5 at 512x512 runs ~20 steps/s on
+        an A100-class GPU; each ControlNet adds about half a UNet pass."""
+        pixels = max(width or 512, 64) * max(height or 512, 64) / (512 * 512)
+        work = steps * max(num_images, 1) * pixels * (1 + 0.5 * controls)
+        return int(min(300, max(20, 15 + work * 0.1)))
+
     def _write_png(self, image, recipe: dict | None, *, prefix: str) -> str:
         if recipe is not None:
             data = png_bytes_with_recipe(image, recipe)
@@ -189,6 +242,15 @@ class StencilService:
         path = self.output_dir / f"{prefix}-{hashlib.sha256(data).hexdigest()[:16]}.png"
         path.write_bytes(data)
         return str(path)
+
+
+def _read_capped(path: Path, limit: int) -> bytes:
+    size = path.stat().st_size
+    if size > limit:
+        raise InvalidRequestError(
+            "lora_file", path.name, f"is {size / 2**20:.1f} MB; the limit is {limit / 2**20:.0f} MB"
+        )
+    return path.read_bytes()
 
 
 def _field(name: str, position: int) -> str:

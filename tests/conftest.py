@@ -31,7 +31,7 @@ def engine(cache_root):
     from pipelines.engine import Engine
     from pipelines.families import FAMILIES
 
-    return Engine(FAMILIES["tiny"], cache_root=cache_root, lora_folder=None)
+    return Engine(FAMILIES["tiny"], cache_root=cache_root, lora_folder=ROOT / "loras")
 
 
 def pixels(image):
@@ -59,7 +59,7 @@ def running_app(cache_root):
     port = _free_port()
     log_path = ROOT / ".cache" / "app-under-test.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, GRADIO_SERVER_PORT=str(port), STENCIL_MODEL="auto", STENCIL_LORA_DIR="")
+    env = dict(os.environ, GRADIO_SERVER_PORT=str(port), STENCIL_MODEL="auto")
     started = time.perf_counter()
     with open(log_path, "w") as log:
         process = subprocess.Popen(

@@ -20,15 +20,17 @@ def test_offline_app_says_so_on_the_page(running_app):
 
 
 def test_generate_with_only_a_prompt_returns_an_image(client):
-    gallery, seed = client.predict(prompt="a red fox", api_name="/generate")
+    gallery, _maps, seed, _recipe, _snippet = client.predict(
+        prompt="a red fox", api_name="/generate"
+    )
     image = Image.open(_image_path(gallery[0]))
     assert image.size == (64, 64)
     assert isinstance(seed, (int, float)) and seed >= 0
 
 
 def test_same_seed_through_the_api_gives_the_same_image(client):
-    first, _ = client.predict(prompt="a red fox", seed=42, steps=3, api_name="/generate")
-    second, _ = client.predict(prompt="a red fox", seed=42, steps=3, api_name="/generate")
+    first, *_ = client.predict(prompt="a red fox", seed=42, steps=3, api_name="/generate")
+    second, *_ = client.predict(prompt="a red fox", seed=42, steps=3, api_name="/generate")
     a = Image.open(_image_path(first[0])).tobytes()
     b = Image.open(_image_path(second[0])).tobytes()
     assert a == b
@@ -39,5 +41,5 @@ def test_a_bad_field_gets_a_clear_message_and_the_next_request_works(client):
 
     with pytest.raises(AppError, match="multiple of 8"):
         client.predict(prompt="a fox", width=100, height=64, api_name="/generate")
-    gallery, _ = client.predict(prompt="a fox", api_name="/generate")
+    gallery, *_ = client.predict(prompt="a fox", api_name="/generate")
     assert gallery

@@ -1,0 +1,698 @@
+"""Checks a LoRA file before any of it reaches the model.
+
+Two stages, both before `load_lora_weights` is called:
+
+1. `read_safetensors` checks the bytes: a safetensors header whatever the file is called
+   (pickles and zip archives are named as such and never unpickled), a bounded header that
+   parses, known dtypes, and every tensor's bytes inside the file and of the size its shape
+   and dtype say.
+2. `check_lora_keys` converts the keys with diffusers' own machinery (the same functions its
+   loader uses, so kohya/A1111 files are read the way they will be loaded) and checks that
+   every target layer exists in the model and that the shapes fit. A LoRA for another base
+   model, or one that matches no layer, is refused: diffusers would otherwise load it as a
+   silent no-op, or fail half-way through with the adapter half-injected.
+
+The model side of stage 2 is a `ModelSignature`: the LoRA-able layers' names and shapes,
+taken once from the pipeline, so that uploads can be checked without touching the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import LoraRejectedError
+
+MiB = 1024 * 1024
+# A LoRA header lists a few thousand tensors (~1 MB); 50 MB leaves room and bounds the parse.
+MAX_HEADER_BYTES = 50 * MiB
+# The largest SD 1.5 / SDXL LoRAs (LoCon, full-rank text encoders) stay well under this.
+MAX_FILE_BYTES = 2048 * MiB
+
+DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1, "C64": 8,
+}  # fmt: skip
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+
+# Keys of adapter kinds that diffusers' SD loaders cannot apply faithfully.
+_UNSUPPORTED_KEY_MARKERS = {
+    "dora_scale": "DoRA weights (dora_scale), which diffusers drops with only a warning",
+    "lora_magnitude_vector": "DoRA weights (lora_magnitude_vector)",
+    "hada_": "LoHa weights (a LyCORIS variant, not a LoRA)",
+    "lokr_": "LoKr weights (a LyCORIS variant, not a LoRA)",
+    "lora_mid": "LoCon CP-decomposition weights (lora_mid)",
+    ".diff": "full weight differences (.diff)",
+}
+
+# Cross-attention width -> the base it belongs to; used to name the base a LoRA was made for.
+_KNOWN_CONTEXT_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+_SGM_BLOCKS = ("_input_blocks_", "_output_blocks_", "_middle_block_")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class SafetensorsFile:
+    """A checked safetensors file: its bytes, hash and header."""
+
+    data: bytes
+    sha256: str
+    tensors: Mapping[str, TensorInfo]
+    metadata: Mapping[str, str]
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What a LoRA on this layer must fit: a Linear (kernel None) or a Conv2d."""
+
+    in_features: int
+    out_features: int
+    kernel: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    """The LoRA-able layers of a pipeline, by component, and what names the base model."""
+
+    pipeline_class: type
+    layers: Mapping[str, Mapping[str, LayerShape]]
+    cross_attention_dim: int | None
+    text_hidden_size: int | None
+    text_encoder_has_text_model: bool
+    dtype_bytes: int = 4
+    unet_config: Any = None
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any) -> ModelSignature:
+        import torch
+
+        components = getattr(pipe, "_lora_loadable_modules", ["unet", "text_encoder"])
+        layers: dict[str, dict[str, LayerShape]] = {}
+        for component in components:
+            model = getattr(pipe, component, None)
+            if model is not None:
+                layers[component] = _lora_able_layers(model)
+        unet = pipe.unet
+        text_encoder = getattr(pipe, "text_encoder", None)
+        text_config = getattr(text_encoder, "config", None)
+        dtype = getattr(unet, "dtype", torch.float32)
+        return cls(
+            pipeline_class=type(pipe),
+            layers=layers,
+            cross_attention_dim=_as_int(unet.config.get("cross_attention_dim")),
+            text_hidden_size=_as_int(getattr(text_config, "hidden_size", None)),
+            text_encoder_has_text_model=hasattr(text_encoder, "text_model"),
+            dtype_bytes=torch.empty((), dtype=dtype).element_size(),
+            unet_config=unet.config,
+        )
+
+
+@dataclass(frozen=True)
+class LoraFileReport:
+    """What a LoRA file holds, once it has passed every check."""
+
+    sha256: str
+    size_bytes: int
+    layout: str  # "peft" (diffusers/peft lora_A/lora_B), "diffusers-old" or "kohya"
+    ranks: tuple[int, ...]
+    alphas: tuple[float, ...]
+    targets: tuple[str, ...]  # components with weights: "unet", "text_encoder", ...
+    modules: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    param_count: int = 0
+    has_adapter_metadata: bool = False
+    # Whether peft builds this adapter's config without per-layer alpha overrides and with
+    # default dropout/rslora/dora; hotswap can only swap such adapters into a slot.
+    hotswap_compatible_config: bool = True
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "layout": self.layout,
+            "ranks": list(self.ranks),
+            "alphas": list(self.alphas),
+            "targets": list(self.targets),
+            "layers": sum(len(names) for names in self.modules.values()),
+        }
+
+
+# --------------------------------------------------------------------------------------
+# Stage 1: the bytes
+
+
+def read_lora_file(path: Path, *, name: str, max_bytes: int = MAX_FILE_BYTES) -> SafetensorsFile:
+    """Read and check a file; the size is checked before a byte of it is read."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise LoraRejectedError(name, f"its file cannot be read ({exc.strerror})") from exc
+    _check_size(name, size, max_bytes)
+    with path.open("rb") as handle:
+        data = handle.read(max_bytes + 1)
+    return read_safetensors(data, name=name, max_bytes=max_bytes)
+
+
+def read_safetensors(
+    data: bytes,
+    *,
+    name: str,
+    max_bytes: int = MAX_FILE_BYTES,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+) -> SafetensorsFile:
+    """Check that `data` is a well-formed safetensors file, judged by its bytes alone."""
+    _check_size(name, len(data), max_bytes)
+    _refuse_other_formats(name, data)
+    if len(data) < 8:
+        raise LoraRejectedError(name, f"the file is truncated ({len(data)} bytes)")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > max_header_bytes:
+        raise LoraRejectedError(
+            name,
+            f"its safetensors header claims {header_len} bytes, above the"
+            f" {max_header_bytes // MiB} MB limit (corrupt or not a safetensors file)",
+        )
+    if 8 + header_len > len(data):
+        raise LoraRejectedError(
+            name,
+            f"the file is truncated: the header needs {header_len} bytes but only"
+            f" {len(data) - 8} follow",
+        )
+    try:
+        header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LoraRejectedError(name, f"its safetensors header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise LoraRejectedError(name, "its safetensors header is not a JSON object")
+    metadata = _check_metadata(name, header.pop("__metadata__", {}))
+    tensors = {key: _check_tensor_entry(name, key, entry) for key, entry in header.items()}
+    _check_layout(name, tensors, len(data) - 8 - header_len)
+    return SafetensorsFile(
+        data=data,
+        sha256=hashlib.sha256(data).hexdigest(),
+        tensors=tensors,
+        metadata=metadata,
+    )
+
+
+def _check_size(name: str, size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise LoraRejectedError(
+            name, f"the file is {size / MiB:.1f} MB, above the {max_bytes / MiB:.0f} MB limit"
+        )
+    if size == 0:
+        raise LoraRejectedError(name, "the file is empty")
+
+
+def _refuse_other_formats(name: str, data: bytes) -> None:
+    # torch.save writes a zip archive (since 1.6) or, before that, a bare pickle; both can
+    # run code when loaded, so they are named and refused rather than "tried".
+    if data[:4] == b"PK\x03\x04":
+        raise LoraRejectedError(
+            name,
+            "it is a zip archive (a PyTorch checkpoint saved with torch.save), not a"
+            " safetensors file; only .safetensors LoRAs are accepted",
+        )
+    if data[:1] == b"\x80" and data[1:2] in {bytes([v]) for v in range(2, 6)}:
+        raise LoraRejectedError(
+            name,
+            "it is a Python pickle, not a safetensors file; pickles can run code and are"
+            " never loaded",
+        )
+
+
+def _check_metadata(name: str, metadata: Any) -> dict[str, str]:
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise LoraRejectedError(name, "its __metadata__ must map text keys to text values")
+    return metadata
+
+
+def _check_tensor_entry(name: str, key: str, entry: Any) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise LoraRejectedError(name, f"tensor {key!r} has a malformed header entry")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_BYTES:
+        raise LoraRejectedError(name, f"tensor {key!r} has an unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(dim) for dim in shape):
+        raise LoraRejectedError(name, f"tensor {key!r} has a malformed shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_count(v) for v in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise LoraRejectedError(name, f"tensor {key!r} has malformed data_offsets {offsets!r}")
+    expected = math.prod(shape) * DTYPE_BYTES[dtype]
+    if offsets[1] - offsets[0] != expected:
+        raise LoraRejectedError(
+            name,
+            f"tensor {key!r} ({dtype}, shape {tuple(shape)}) needs {expected} bytes but its"
+            f" data_offsets span {offsets[1] - offsets[0]}",
+        )
+    return TensorInfo(dtype=dtype, shape=tuple(shape), start=offsets[0], end=offsets[1])
+
+
+def _check_layout(name: str, tensors: Mapping[str, TensorInfo], data_len: int) -> None:
+    # Like safetensors itself: the tensors must tile the data section exactly, so no
+    # tensor points outside the file and no two tensors share bytes.
+    position = 0
+    for key, info in sorted(tensors.items(), key=lambda item: (item[1].start, item[1].end)):
+        if info.end > data_len:
+            raise LoraRejectedError(
+                name,
+                f"the file is truncated: tensor {key!r} ends at byte {info.end} of the data"
+                f" section, which holds only {data_len}",
+            )
+        if info.start != position:
+            raise LoraRejectedError(
+                name, f"tensor {key!r} overlaps another or leaves a gap (starts at {info.start})"
+            )
+        position = info.end
+    if position != data_len:
+        raise LoraRejectedError(
+            name, f"the file has {data_len - position} bytes after its last tensor"
+        )
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# --------------------------------------------------------------------------------------
+# Stage 2: the keys, against the model
+
+
+def check_lora_keys(
+    file: SafetensorsFile, signature: ModelSignature, *, name: str
+) -> LoraFileReport:
+    """Convert the keys as diffusers will and check each target layer exists and fits."""
+    from safetensors.torch import load as load_tensors
+
+    _check_tensor_kinds(name, file)
+    layout = _detect_layout(file.tensors)
+    if layout == "kohya" and "text_encoder_2" not in signature.layers:
+        if any(key.startswith("lora_te2_") for key in file.tensors):
+            raise _other_base(name, "it has weights for a second text encoder, as SDXL has")
+        if any(block in key for key in file.tensors for block in _SGM_BLOCKS):
+            # kohya names SDXL's UNet blocks the SGM way; SD 1.x LoRAs use diffusers names.
+            raise _other_base(name, "its UNet layers have SGM names (input_blocks...), as SDXL's")
+    adapter_metadata = _parse_adapter_metadata(name, file.metadata)
+
+    tensors = load_tensors(file.data)
+    state_dict, network_alphas = _convert_like_diffusers(name, tensors, signature)
+    if adapter_metadata and network_alphas:
+        raise LoraRejectedError(
+            name, "it carries both kohya alpha tensors and diffusers adapter metadata"
+        )
+
+    by_component = _split_by_component(name, state_dict, signature)
+    modules: dict[str, frozenset[str]] = {}
+    ranks: set[int] = set()
+    param_count = 0
+    alphas: set[float] = set()
+    hotswap_ok = True
+    for component, component_dict in by_component.items():
+        pairs = _pair_lora_weights(name, component, component_dict)
+        _check_targets(name, component, pairs, signature)
+        modules[component] = frozenset(pairs)
+        component_ranks = {a.shape[0] for a, _ in pairs.values()}
+        ranks |= component_ranks
+        param_count += sum(a.numel() + b.numel() for a, b in pairs.values())
+        meta = _component_metadata(name, adapter_metadata, component)
+        component_alphas = _component_alphas(component, pairs, network_alphas, meta)
+        alphas |= component_alphas
+        if meta is not None:
+            _check_metadata_matches(name, component, pairs, meta)
+            hotswap_ok &= _metadata_is_plain(meta)
+        else:
+            # diffusers builds an alpha_pattern when alphas (or, without alphas, ranks) vary.
+            hotswap_ok &= len(component_alphas) <= 1 and (
+                bool(network_alphas) or len(component_ranks) <= 1
+            )
+    return LoraFileReport(
+        sha256=file.sha256,
+        size_bytes=file.size_bytes,
+        layout=layout,
+        ranks=tuple(sorted(ranks)),
+        alphas=tuple(sorted(alphas)),
+        targets=tuple(c for c in signature.layers if c in modules),
+        modules=modules,
+        param_count=param_count,
+        has_adapter_metadata=adapter_metadata is not None,
+        hotswap_compatible_config=hotswap_ok,
+    )
+
+
+def validate_lora(
+    source: Path | bytes,
+    signature: ModelSignature,
+    *,
+    name: str,
+    max_bytes: int = MAX_FILE_BYTES,
+) -> LoraFileReport:
+    """Both stages: the bytes, then the keys against the model."""
+    if isinstance(source, bytes):
+        file = read_safetensors(source, name=name, max_bytes=max_bytes)
+    else:
+        file = read_lora_file(source, name=name, max_bytes=max_bytes)
+    return check_lora_keys(file, signature, name=name)
+
+
+def _check_tensor_kinds(name: str, file: SafetensorsFile) -> None:
+    if not file.tensors:
+        raise LoraRejectedError(name, "the file holds no tensors")
+    for key, info in file.tensors.items():
+        for marker, what in _UNSUPPORTED_KEY_MARKERS.items():
+            if marker in key:
+                raise LoraRejectedError(name, f"it holds {what}, e.g. {key!r}")
+        if key.endswith(".alpha"):
+            if info.shape not in {(), (1,)}:
+                raise LoraRejectedError(name, f"alpha {key!r} is not a single number")
+        elif "lora" not in key:
+            raise LoraRejectedError(name, f"it is not a LoRA: tensor {key!r} is not a LoRA weight")
+        if info.dtype not in FLOAT_DTYPES:
+            raise LoraRejectedError(
+                name, f"tensor {key!r} has dtype {info.dtype}; LoRA weights are floating point"
+            )
+
+
+def _detect_layout(tensors: Mapping[str, TensorInfo]) -> str:
+    if all(key.startswith(_KOHYA_PREFIXES) for key in tensors):
+        return "kohya"
+    if any(".lora_A." in key or ".lora_B." in key for key in tensors):
+        return "peft"
+    return "diffusers-old"
+
+
+def _parse_adapter_metadata(name: str, metadata: Mapping[str, str]) -> dict[str, Any] | None:
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+    raw = metadata.get(LORA_ADAPTER_METADATA_KEY)
+    if not raw:
+        return None
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise LoraRejectedError(name, f"its adapter metadata is not valid JSON ({exc})") from exc
+    if not isinstance(parsed, dict):
+        raise LoraRejectedError(name, "its adapter metadata is not a JSON object")
+    return parsed
+
+
+def _convert_like_diffusers(
+    name: str, tensors: dict[str, Any], signature: ModelSignature
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Run the pipeline class's own `lora_state_dict` on a copy, as `load_lora_weights` does."""
+    kwargs: dict[str, Any] = {}
+    if "text_encoder_2" in signature.layers:
+        # Only the SDXL loader passes the UNet config (to remap kohya's SGM block names).
+        kwargs["unet_config"] = signature.unet_config
+    try:
+        state_dict, network_alphas = signature.pipeline_class.lora_state_dict(
+            dict(tensors), **kwargs
+        )
+    except Exception as exc:  # any failure in diffusers' conversion means it cannot load it
+        raise LoraRejectedError(name, f"its keys cannot be converted by diffusers ({exc})") from exc
+    return state_dict, dict(network_alphas or {})
+
+
+def _split_by_component(
+    name: str, state_dict: Mapping[str, Any], signature: ModelSignature
+) -> dict[str, dict[str, Any]]:
+    grouped: dict[str, dict[str, Any]] = {}
+    for key, value in state_dict.items():
+        component, _, rest = key.partition(".")
+        if component not in signature.layers:
+            if component == "text_encoder_2":
+                raise _other_base(name, "it has weights for a second text encoder, as SDXL has")
+            raise LoraRejectedError(
+                name,
+                f"key {key!r} is not addressed to a part of this model"
+                f" ({', '.join(signature.layers)}); nothing of it would load",
+            )
+        grouped.setdefault(component, {})[rest] = value
+
+    converted: dict[str, dict[str, Any]] = {}
+    for component, component_dict in grouped.items():
+        try:
+            converted[component] = _to_peft_names(component, component_dict, signature)
+        except Exception as exc:  # diffusers raises ValueError for keys it cannot place
+            raise LoraRejectedError(
+                name, f"diffusers cannot convert its {component} keys ({exc})"
+            ) from exc
+    return converted
+
+
+def _to_peft_names(
+    component: str, component_dict: dict[str, Any], signature: ModelSignature
+) -> dict[str, Any]:
+    """Mirrors diffusers' loaders: the UNet one converts when the first key is not
+    peft-style; the text-encoder one always goes through diffusers and then peft naming."""
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+
+    if not component.startswith("text_encoder"):
+        if "lora_A" in next(iter(component_dict)):
+            return component_dict
+        return convert_unet_state_dict_to_peft(component_dict)
+    converted = convert_state_dict_to_peft(convert_state_dict_to_diffusers(component_dict))
+    if signature.text_encoder_has_text_model:
+        return converted
+    # Recent transformers flatten CLIPTextModel; diffusers strips the old prefix likewise.
+    return {key.removeprefix("text_model."): value for key, value in converted.items()}
+
+
+def _pair_lora_weights(
+    name: str, component: str, state_dict: Mapping[str, Any]
+) -> dict[str, tuple[Any, Any]]:
+    halves: dict[str, dict[str, Any]] = {}
+    for key, value in state_dict.items():
+        for half in ("lora_A", "lora_B"):
+            marker = f".{half}."
+            if marker in key:
+                module, _, param = key.partition(marker)
+                if param == "weight":
+                    halves.setdefault(module, {})[half] = value
+                elif not (half == "lora_B" and param == "bias"):
+                    raise LoraRejectedError(name, f"unexpected LoRA parameter {key!r}")
+                break
+        else:
+            # e.g. kohya text-encoder keys that diffusers' conversion does not rename when
+            # the file has mlp weights but no out_proj: diffusers would drop them silently.
+            raise LoraRejectedError(
+                name,
+                f"diffusers would not load some of its weights, e.g. {component}.{key}"
+                " (its key conversion leaves them unrecognised)",
+            )
+    pairs: dict[str, tuple[Any, Any]] = {}
+    for module, found in halves.items():
+        if set(found) != {"lora_A", "lora_B"}:
+            missing = ({"lora_A", "lora_B"} - set(found)).pop()
+            raise LoraRejectedError(name, f"layer {component}.{module} has no {missing} weight")
+        a, b = found["lora_A"], found["lora_B"]
+        if a.ndim not in (2, 4) or b.ndim != a.ndim or a.shape[0] != b.shape[1]:
+            raise LoraRejectedError(
+                name,
+                f"layer {component}.{module}: down {tuple(a.shape)} and up {tuple(b.shape)}"
+                " do not form a LoRA pair",
+            )
+        pairs[module] = (a, b)
+    return pairs
+
+
+def _check_targets(
+    name: str,
+    component: str,
+    pairs: Mapping[str, tuple[Any, Any]],
+    signature: ModelSignature,
+) -> None:
+    layers = signature.layers[component]
+    missing = sorted(module for module in pairs if module not in layers)
+    misfits: list[str] = []
+    for module, (a, b) in sorted(pairs.items()):
+        layer = layers.get(module)
+        if layer is not None and not _fits(layer, a.shape, b.shape):
+            misfits.append(
+                f"{component}.{module} is {_describe_layer(layer)} but the LoRA is"
+                f" {a.shape[1]} -> {b.shape[0]}"
+            )
+    if misfits:
+        guess = _guess_base(component, pairs, signature)
+        raise _other_base(name, f"{guess}layer {misfits[0]} ({len(misfits)} layers differ)")
+    if missing and len(missing) == len(pairs):
+        raise LoraRejectedError(
+            name,
+            f"it matches no layer of this model's {component} (e.g. {missing[0]!r});"
+            " loading it would change nothing",
+        )
+    if missing:
+        raise _other_base(
+            name,
+            f"{len(missing)} of its {len(pairs)} {component} layers do not exist in this"
+            f" model, e.g. {missing[0]!r}",
+        )
+
+
+def _fits(layer: LayerShape, a_shape: Any, b_shape: Any) -> bool:
+    if a_shape[1] != layer.in_features or b_shape[0] != layer.out_features:
+        return False
+    if layer.kernel is None:
+        return len(a_shape) == 2
+    # diffusers/peft LoRA on a Conv2d: down has the layer's kernel, up is 1x1.
+    return len(a_shape) == 4 and tuple(a_shape[2:]) == layer.kernel and tuple(b_shape[2:]) == (1, 1)
+
+
+def _describe_layer(layer: LayerShape) -> str:
+    kind = "a Linear" if layer.kernel is None else f"a {layer.kernel[0]}x{layer.kernel[1]} Conv2d"
+    return f"{kind} {layer.in_features} -> {layer.out_features}"
+
+
+def _guess_base(
+    component: str, pairs: Mapping[str, tuple[Any, Any]], signature: ModelSignature
+) -> str:
+    """Name the base the LoRA seems made for, from its cross-attention or text width."""
+    if component == "unet":
+        probes, ours, what = (
+            ("attn2.to_k", "attn2.to_v"),
+            signature.cross_attention_dim,
+            "cross-attention",
+        )
+    else:
+        probes, ours, what = ("self_attn.q_proj",), signature.text_hidden_size, "text-encoder"
+    widths = {a.shape[1] for module, (a, _) in pairs.items() if module.endswith(probes)}
+    if len(widths) != 1:
+        return ""
+    width = widths.pop()
+    label = _KNOWN_CONTEXT_WIDTHS.get(width) if component == "unet" else None
+    looks = f"it looks like an {label} LoRA, " if label else ""
+    return f"{looks}{what} width {width} where this model's is {ours}; "
+
+
+def _other_base(name: str, detail: str) -> LoraRejectedError:
+    return LoraRejectedError(name, f"it is for a different base model: {detail}")
+
+
+def _component_metadata(
+    name: str, adapter_metadata: Mapping[str, Any] | None, component: str
+) -> dict[str, Any] | None:
+    if adapter_metadata is None:
+        return None
+    prefix = f"{component}."
+    meta = {k.removeprefix(prefix): v for k, v in adapter_metadata.items() if k.startswith(prefix)}
+    if not meta:
+        return None
+    from peft import LoraConfig
+
+    try:  # diffusers builds LoraConfig(**meta) at load time; fail here instead
+        LoraConfig(**meta)
+    except (TypeError, ValueError) as exc:
+        raise LoraRejectedError(
+            name, f"its {component} adapter metadata is not a valid LoRA config ({exc})"
+        ) from exc
+    return meta
+
+
+def _component_alphas(
+    component: str,
+    pairs: Mapping[str, tuple[Any, Any]],
+    network_alphas: Mapping[str, float],
+    meta: Mapping[str, Any] | None,
+) -> set[float]:
+    """The alphas the layers will be loaded with (each layer's scale is alpha / rank)."""
+    if meta is not None:
+        default = float(meta.get("lora_alpha", meta.get("r", 8)))
+        return {default, *(float(v) for v in (meta.get("alpha_pattern") or {}).values())}
+    # kohya alphas, keyed by diffusers' intermediate names; values are all we report.
+    values = {float(v) for k, v in network_alphas.items() if k.startswith(f"{component}.")}
+    return values or {float(a.shape[0]) for a, _ in pairs.values()}
+
+
+def _pattern_matches(pattern: str, module: str) -> bool:
+    return module == pattern or module.endswith(f".{pattern}")
+
+
+def _check_metadata_matches(
+    name: str, component: str, pairs: Mapping[str, tuple[Any, Any]], meta: Mapping[str, Any]
+) -> None:
+    targets = meta.get("target_modules")
+    if isinstance(targets, str):
+        targets = [targets]
+    if targets:
+        # peft only creates layers its config names; weights for any other layer would be
+        # dropped with a warning, which is the silent no-op we refuse.
+        uncovered = [m for m in pairs if not any(_pattern_matches(t, m) for t in targets)]
+        if uncovered:
+            raise LoraRejectedError(
+                name,
+                f"its {component} metadata target_modules leave out layers that have weights,"
+                f" e.g. {uncovered[0]!r}",
+            )
+    if not meta.get("rank_pattern") and "r" in meta:
+        wrong = [m for m, (a, _) in pairs.items() if a.shape[0] != meta["r"]]
+        if wrong:
+            raise LoraRejectedError(
+                name,
+                f"its {component} metadata says rank {meta['r']} but layer {wrong[0]!r} has"
+                f" rank {pairs[wrong[0]][0].shape[0]}",
+            )
+
+
+def _metadata_is_plain(meta: Mapping[str, Any]) -> bool:
+    return not (
+        meta.get("alpha_pattern")
+        or meta.get("use_rslora")
+        or meta.get("use_dora")
+        or meta.get("lora_dropout")
+    )
+
+
+def _lora_able_layers(model: Any) -> dict[str, LayerShape]:
+    """Linear and Conv2d layers by name, seen through any peft wrappers already injected."""
+    import torch
+
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover - peft is a hard requirement of LoRA loading
+        BaseTunerLayer = ()  # noqa: N806
+
+    model = getattr(model, "_orig_mod", model)  # see through torch.compile's wrapper
+    layers: dict[str, LayerShape] = {}
+    for module_name, module in model.named_modules():
+        if any(part in module_name for part in (".base_layer", ".lora_A", ".lora_B", "lora_")):
+            continue
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        if isinstance(base, torch.nn.Linear):
+            layers[module_name] = LayerShape(base.in_features, base.out_features)
+        elif isinstance(base, torch.nn.Conv2d):
+            kernel = tuple(base.kernel_size)
+            layers[module_name] = LayerShape(base.in_channels, base.out_channels, kernel)
+    return layers
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, (list, tuple)):  # some UNets list a width per block
+        value = value[0] if value else None
+    return int(value) if isinstance(value, int) else None

@@ -1,0 +1,87 @@
+"""A real browser on the real page: upload, preview the map, generate, see the image.
+
+Drives Debian's Chromium (never a browser downloaded by a test tool) with Playwright's
+Python package. Skipped where that Chromium is not installed; CI installs it.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from conftest import ROOT
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOT = ROOT / ".cache" / "screenshots" / "stencil-page.png"
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def page(running_app):
+    if not shutil.which("chromium"):
+        pytest.skip("Debian's chromium is not installed (scripts/test.sh installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.set_default_timeout(60_000)
+        page.goto(running_app)
+        page.wait_for_selector("#generate")
+        yield page
+        browser.close()
+
+
+def test_upload_preview_generate_and_see_the_image(page):
+    assert "tiny model" in page.locator("#status").inner_text()
+
+    page.locator("#prompt textarea").fill("a stone cottage, ink")
+    page.locator("#control_image input[type=file]").set_input_files(
+        str(ROOT / "examples" / "house.png")
+    )
+    page.locator("#control_type input").click()
+    page.get_by_role("option", name="Canny edges").click()
+
+    page.locator("#preview").click()
+    page.wait_for_selector("#control_map img")
+
+    page.locator("#generate").click()
+    result = page.locator("#results img").first
+    result.wait_for()
+    assert result.evaluate("img => img.naturalWidth") > 0
+
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_dropping_a_stencil_png_restores_its_settings(page, client):
+    gallery, *_ = client.predict(
+        prompt="a lighthouse at dusk",
+        seed=1234,
+        steps=7,
+        loras="tiny-ink:0.5",
+        api_name="/generate",
+    )
+    png_path = gallery[0]["image"] if isinstance(gallery[0], dict) else gallery[0]
+    page.locator("#recipe_drop input[type=file]").set_input_files(png_path)
+    prompt = page.locator("#prompt textarea")
+    page.wait_for_function(
+        "() => document.querySelector('#prompt textarea').value === 'a lighthouse at dusk'"
+    )
+    assert prompt.input_value() == "a lighthouse at dusk"
+    page.get_by_text("Advanced", exact=True).click()
+    assert page.locator("#seed input").input_value() == "1234"
+    page.get_by_role("tab", name="LoRAs").click()
+    assert page.locator("#loras textarea, #loras input").first.input_value() == "tiny-ink:0.5"
