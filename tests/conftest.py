@@ -26,6 +26,23 @@ def cache_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_family(cache_root) -> Path:
+    """The tiny family's folder, built once per session (the same one the engine loads)."""
+    from pipelines.tiny import ensure_tiny_family
+
+    return ensure_tiny_family(cache_root)
+
+
+def load_tiny_pipe(folder: Path):
+    """A fresh StableDiffusionPipeline of the tiny family, loaded the way the engine does."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
 def engine(cache_root):
     """One engine for the whole session, shared like the app shares it between users."""
     from pipelines.engine import Engine

@@ -43,3 +43,17 @@ def test_a_bad_field_gets_a_clear_message_and_the_next_request_works(client):
         client.predict(prompt="a fox", width=100, height=64, api_name="/generate")
     gallery, *_ = client.predict(prompt="a fox", api_name="/generate")
     assert gallery
+
+
+def test_direct_http_calls_cannot_skip_the_queue(running_app):
+    import urllib.error
+
+    request = urllib.request.Request(
+        running_app + "gradio_api/run/generate",
+        data=json.dumps({"data": ["a fox"]}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert "join the queue" in refused.value.read().decode()

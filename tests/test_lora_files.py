@@ -23,16 +23,10 @@ from pipelines.lora_files import (
     read_safetensors,
     validate_lora,
 )
-from pipelines.tiny import ensure_tiny_family
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "loras"
 ATTN2_TO_K = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
-
-
-@pytest.fixture(scope="session")
-def tiny_family(tmp_path_factory) -> Path:
-    return ensure_tiny_family(tmp_path_factory.getbasetemp() / "tiny-cache")
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_tiny_pipe
 from safetensors.torch import load_file, save, save_file
 
 from pipelines.errors import (
@@ -27,7 +28,6 @@ from pipelines.errors import (
 from pipelines.lora_files import ModelSignature
 from pipelines.loras import CatalogueError, LoraLibrary, load_catalogue
 from pipelines.requests import LoraChoice
-from pipelines.tiny import ensure_tiny_family
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "loras"
@@ -35,26 +35,15 @@ TINY_NAMES = ["tiny-faded", "tiny-ink", "tiny-neon", "tiny-sketch-kohya", "tiny-
 ATTN2_TO_K = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
 
 
-@pytest.fixture(scope="session")
-def tiny_family(tmp_path_factory) -> Path:
-    return ensure_tiny_family(tmp_path_factory.getbasetemp() / "tiny-cache")
-
-
 @pytest.fixture
 def pipe(tiny_family):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_family)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_tiny_pipe(tiny_family)
     return pipe
 
 
 @pytest.fixture(scope="module")
 def base_image(tiny_family) -> np.ndarray:
-    from diffusers import StableDiffusionPipeline
-
-    fresh = StableDiffusionPipeline.from_pretrained(tiny_family)
-    fresh.set_progress_bar_config(disable=True)
+    fresh = load_tiny_pipe(tiny_family)
     return render(fresh)
 
 
@@ -123,10 +112,7 @@ def test_switching_sets_gives_what_a_fresh_model_gives(library, pipe, tiny_famil
     # A UNet-only LoRA after a text-encoder one: the text encoder must not keep the old one.
     with_loras(library, pipe, ("tiny-neon", 1.0))
     after_switch = with_loras(library, pipe, ("tiny-ink", 1.0))
-    from diffusers import StableDiffusionPipeline
-
-    fresh = StableDiffusionPipeline.from_pretrained(tiny_family)
-    fresh.set_progress_bar_config(disable=True)
+    fresh = load_tiny_pipe(tiny_family)
     other = LoraLibrary(SHIPPED, "tiny")
     assert np.array_equal(after_switch, with_loras(other, fresh, ("tiny-ink", 1.0)))
 
@@ -436,11 +422,8 @@ def test_prompt_tags_are_removed_and_parsed(library):
 
 
 def test_hotswap_matches_normal_loading(tiny_family, base_image):
-    from diffusers import StableDiffusionPipeline
-
     def fresh():
-        pipe = StableDiffusionPipeline.from_pretrained(tiny_family)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = load_tiny_pipe(tiny_family)
         return pipe
 
     normal_pipe, swap_pipe = fresh(), fresh()
@@ -472,10 +455,7 @@ def test_hotswap_matches_normal_loading(tiny_family, base_image):
 
 
 def test_hotswap_refuses_text_encoder_and_oversized_loras(tiny_family, base_image):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_family)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_tiny_pipe(tiny_family)
     library = LoraLibrary(SHIPPED, "tiny", hotswap_rank=4, hotswap_slots=1)
     with pytest.raises(LoraRejectedError, match="text-encoder weights.*only swap UNet"):
         library.activate(pipe, [LoraChoice("tiny-neon", 1.0)])
@@ -525,11 +505,9 @@ def test_hotswap_keeps_one_compiled_graph(tiny_family, base_image):
     # the empty set only change tensor contents. One attention block is compiled (with the
     # "eager" backend, which traces without generating code) to keep this quick; the
     # guards are the ones a whole compiled UNet has.
-    from diffusers import StableDiffusionPipeline
     from torch._dynamo.utils import counters
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_family)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_tiny_pipe(tiny_family)
     library = LoraLibrary(SHIPPED, "tiny", hotswap_rank=8, hotswap_slots=2)
     library.bind(pipe)
 

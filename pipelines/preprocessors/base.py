@@ -159,7 +159,8 @@ class Preprocessor(ABC):
     params: ClassVar[tuple[ParamSpec, ...]] = ()
     needs_weights: ClassVar[bool] = False
 
-    def __init__(self, weights_source: WeightsSource | None = None) -> None:
+    def __init__(self, weights_source: WeightsSource | None = None, *, device: str = "cpu") -> None:
+        self.device = device
         if self.needs_weights and (weights_source is None or weights_source.location is None):
             raise ValueError(f"preprocessor {self.name!r} needs a WeightsSource with a location")
         self.weights_source = weights_source if self.needs_weights else NO_WEIGHTS

@@ -26,10 +26,6 @@ class DepthPreprocessor(Preprocessor):
     label = "Depth"
     needs_weights = True
 
-    def __init__(self, weights_source, *, device: str = "cpu") -> None:
-        super().__init__(weights_source)
-        self.device = device
-
     def _load(self) -> Any:
         from transformers import pipeline  # heavy import, only when depth is used
 

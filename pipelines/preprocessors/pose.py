@@ -33,10 +33,6 @@ class PosePreprocessor(Preprocessor):
     params = PARAMS
     needs_weights = True
 
-    def __init__(self, weights_source, *, device: str = "cpu") -> None:
-        super().__init__(weights_source)
-        self.device = device
-
     def _load(self) -> Any:
         # Imported here: controlnet_aux imports every detector it has (~4 s).
         from controlnet_aux.open_pose import OpenposeDetector
