@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         strict_cors=True,
         enable_monitoring=False,
         show_error=True,
-        max_file_size="20mb",
+        # Big enough for a LoRA upload; images have their own, smaller cap when decoded.
+        max_file_size="200mb",
     )
 
 

@@ -116,17 +116,22 @@ def controlnet_ref(control_type: str, compat_tag: str, params: Mapping[str, Any]
 
 
 def make_map(
-    control_type: str, image: Image.Image, resolution: int, params: Mapping[str, Any]
+    control_type: str,
+    image: Image.Image,
+    resolution: int,
+    params: Mapping[str, Any],
+    *,
+    device: str = "cpu",
 ) -> Image.Image:
     """Run the control's preprocessor with the parameters that belong to it."""
     spec = get_control_spec(control_type)
-    preprocessor = get_preprocessor(spec.preprocessor)
+    preprocessor = get_preprocessor(spec.preprocessor, device=device)
     own = {p.name for p in spec.own_params}
     return preprocessor(
         image, resolution=resolution, **{k: v for k, v in params.items() if k not in own}
     )
 
 
-def preprocessor_weights(control_type: str) -> str:
+def preprocessor_weights(control_type: str, *, device: str = "cpu") -> str:
     """'real', 'stand-in' or 'none' for the weights this control's preprocessor runs."""
-    return get_preprocessor(get_control_spec(control_type).preprocessor).weights
+    return get_preprocessor(get_control_spec(control_type).preprocessor, device=device).weights

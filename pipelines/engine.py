@@ -220,7 +220,9 @@ class Engine:
             if key in self._map_cache:
                 self._map_cache.move_to_end(key)
                 return self._map_cache[key]
-        control_map = controls.make_map(unit.control_type, image, unit.resolution, unit.param_dict)
+        control_map = controls.make_map(
+            unit.control_type, image, unit.resolution, unit.param_dict, device=self.device
+        )
         with self._map_cache_lock:
             self._map_cache[key] = control_map
             while len(self._map_cache) > self._map_cache_size:
@@ -386,7 +388,7 @@ class Engine:
     def preprocessor_weights(self, unit) -> str:
         from . import controls
 
-        return controls.preprocessor_weights(unit.control_type)
+        return controls.preprocessor_weights(unit.control_type, device=self.device)
 
 
 MAX_ASPECT = 4.0

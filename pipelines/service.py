@@ -198,7 +198,9 @@ class StencilService:
             "dtype": status.dtype,
             "offline": status.offline,
             "notice": status.notice,
-            "preprocessor_weights": {name: preprocessor_weights(name) for name in CONTROLS},
+            "preprocessor_weights": {
+                name: preprocessor_weights(name, device=status.device) for name in CONTROLS
+            },
         }
 
     @staticmethod

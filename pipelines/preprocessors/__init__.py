@@ -37,7 +37,7 @@ PREPROCESSORS: Mapping[str, type[Preprocessor]] = MappingProxyType(
     }
 )
 
-_built: dict[tuple[str, WeightsSource | None, Path | None], Preprocessor] = {}
+_built: dict[tuple, Preprocessor] = {}
 # One lock per name: resolving pose weights (maybe a download) must not hold up canny.
 _build_locks = {name: threading.Lock() for name in PREPROCESSORS}
 
@@ -47,6 +47,7 @@ def get_preprocessor(
     *,
     weights_source: WeightsSource | None = None,
     cache_dir: Path | None = None,
+    device: str = "cpu",
 ) -> Preprocessor:
     """The preprocessor `name`, built on first request and shared afterwards.
 
@@ -57,15 +58,18 @@ def get_preprocessor(
     if name not in PREPROCESSORS:
         raise UnknownNameError("preprocessor", name, tuple(PREPROCESSORS))
     cls = PREPROCESSORS[name]
-    key = (name, weights_source, cache_dir) if cls.needs_weights else (name, None, None)
+    key = (name, weights_source, cache_dir, device) if cls.needs_weights else (name,)
     with _build_locks[name]:  # resolving may build stand-ins: once, not once per thread
         if key not in _built:
-            _built[key] = _build(cls, weights_source, cache_dir)
+            _built[key] = _build(cls, weights_source, cache_dir, device)
         return _built[key]
 
 
 def _build(
-    cls: type[Preprocessor], weights_source: WeightsSource | None, cache_dir: Path | None
+    cls: type[Preprocessor],
+    weights_source: WeightsSource | None,
+    cache_dir: Path | None,
+    device: str,
 ) -> Preprocessor:
     if not cls.needs_weights:
         return cls()
@@ -75,7 +79,7 @@ def _build(
 
             cache_dir = stencil_cache_dir() / "standins"
         weights_source = resolve_weights(cls.name, offline=hub_offline(), cache_dir=cache_dir)
-    return cls(weights_source)
+    return cls(weights_source, device=device)
 
 
 def clear_preprocessor_cache() -> None:
