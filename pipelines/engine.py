@@ -323,13 +323,16 @@ class Engine:
     def _compose(self, request: GenerationRequest, maps):
         """A pipeline view over the shared weights with this request's own scheduler."""
         scheduler = get_scheduler_spec(request.scheduler).build(self.base.scheduler.config)
+        # from_pipe casts every module to `torch_dtype`, float32 unless told: the modules
+        # are the shared ones, so without this the first view would convert the whole model.
+        shared = {"scheduler": scheduler, "torch_dtype": self.dtype}
         with _quiet_diffusers():
             if not request.controls:
-                pipe = type(self.base).from_pipe(self.base, scheduler=scheduler)
+                pipe = type(self.base).from_pipe(self.base, **shared)
             else:
                 nets = [self.controlnet(self.controlnet_ref(unit)) for unit in request.controls]
                 pipe = self.family.pipeline_class("controlnet").from_pipe(
-                    self.base, controlnet=WindowedMultiControlNet(nets), scheduler=scheduler
+                    self.base, controlnet=WindowedMultiControlNet(nets), **shared
                 )
         pipe.set_progress_bar_config(disable=True)
         return pipe

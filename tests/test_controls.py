@@ -218,3 +218,17 @@ def test_a_hopelessly_thin_image_gets_a_clear_error_and_the_engine_keeps_serving
     with pytest.raises(ImageError, match=r"4000x8 pixels \(aspect ratio 500.0:1\)"):
         engine.generate(request(unit(image=Image.new("RGB", (4000, 8)))))
     assert engine.generate(request(unit())).images
+
+
+def test_composed_views_keep_the_shared_model_in_its_dtype(cache_root):
+    import torch
+
+    from pipelines.engine import Engine
+    from pipelines.families import FAMILIES
+
+    half = Engine(FAMILIES["tiny"], cache_root=cache_root, dtype="bfloat16")
+    half.generate(request(unit(), steps=1))
+    half.generate(request(steps=1))
+    modules = [half.base.unet, half.base.vae, half.base.text_encoder]
+    modules += list(half._controlnets.values())
+    assert {next(m.parameters()).dtype for m in modules} == {torch.bfloat16}
