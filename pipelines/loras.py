@@ -379,7 +379,13 @@ class LoraLibrary:
                 adapters = self._fill_slots(pipe, prepared)
             else:
                 adapters = self._load_missing(pipe, prepared)
-            target = tuple(sorted(zip(adapters, (w for _, w in wanted))))
+            # peft sums adapters in list order and float sums depend on order, so the list
+            # follows the files' hashes: neither the request's order nor the load history
+            # (which decides the internal adapter names) can change the image.
+            by_file = sorted(
+                zip(prepared, adapters, (w for _, w in wanted)), key=lambda t: t[0].report.sha256
+            )
+            target = tuple((adapter, weight) for _, adapter, weight in by_file)
             self._apply(pipe, target)
         except BaseException:
             self._restore(pipe, previous, previous_slots)
@@ -529,8 +535,7 @@ class LoraLibrary:
 
     def _apply(self, pipe: Any, target: tuple[tuple[str, float], ...]) -> None:
         # Already active with these weights: nothing to do (the cheap path a switch-heavy
-        # workload takes). The set is sorted, so the order of a request never matters; peft
-        # sums the adapters' outputs in list order, and float sums depend on order.
+        # workload takes).
         if target == self._active:
             return
         if self.hotswap_rank is not None:
@@ -620,14 +625,22 @@ class LoraLibrary:
         holding = {sha: slot for slot, sha in self._slot_content.items() if sha}
         wanted = {p.report.sha256 for p in prepared}
         free = [s for s in self._slot_lru if self._slot_content[s] not in wanted]
+        missing = sorted(
+            {p.report.sha256: p for p in prepared if p.report.sha256 not in holding}.values(),
+            key=lambda p: p.report.sha256,
+        )
+        # The least recently used slots make room; within them, adapters go in hash order,
+        # so adapters that arrive together sum in the same order whatever the request's order.
+        # (All slots are always active and peft sums them in slot order; which slots an
+        # adapter that is already loaded sits in still depends on history: ~1e-7 in float32.)
+        victims = sorted(free[: len(missing)], key=self._slots.index)
+        for slot, item in zip(victims, missing):
+            holding[item.report.sha256] = slot
+            self._swap_into(pipe, slot, item)
         slots = []
         for item in prepared:
-            sha = item.report.sha256
-            if sha not in holding:
-                holding[sha] = free.pop(0)
-                self._swap_into(pipe, holding[sha], item)
-            self._slot_lru.move_to_end(holding[sha])
-            slots.append(holding[sha])
+            self._slot_lru.move_to_end(holding[item.report.sha256])
+            slots.append(holding[item.report.sha256])
         return slots
 
     def _check_swappable(self, item: _Prepared) -> None:

@@ -108,6 +108,20 @@ def test_two_adapters_differ_from_each_alone_and_order_does_not_matter(library, 
     assert np.array_equal(both, swapped)
 
 
+def test_a_pair_gives_the_same_image_whatever_was_loaded_before(library, pipe, tiny_family):
+    # Two users' histories: one loaded ink first, the other neon first. The pair must not
+    # depend on which adapter the shared model happened to load earlier.
+    with_loras(library, pipe, ("tiny-ink", 1.0))
+    with_loras(library, pipe, ("tiny-neon", 1.0))
+    first = with_loras(library, pipe, ("tiny-ink", 0.8), ("tiny-neon", 0.6))
+    other_pipe = load_tiny_pipe(tiny_family)
+    other = LoraLibrary(SHIPPED, "tiny")
+    with_loras(other, other_pipe, ("tiny-neon", 1.0))
+    with_loras(other, other_pipe, ("tiny-ink", 1.0))
+    second = with_loras(other, other_pipe, ("tiny-ink", 0.8), ("tiny-neon", 0.6))
+    assert np.array_equal(first, second)
+
+
 def test_switching_sets_gives_what_a_fresh_model_gives(library, pipe, tiny_family):
     # A UNet-only LoRA after a text-encoder one: the text encoder must not keep the old one.
     with_loras(library, pipe, ("tiny-neon", 1.0))
