@@ -81,7 +81,7 @@ def write_tiny_family(folder: Path) -> None:
 def build_tiny_components() -> dict:
     """UNet, VAE, text encoder, tokenizer and scheduler, seeded, in float32 on the CPU."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = build_tiny_tokenizer()
@@ -123,7 +123,21 @@ def build_tiny_components() -> dict:
         )
     )
     # Stable Diffusion 1.5's own scheduler settings, so per-request schedulers behave alike.
-    scheduler = PNDMScheduler(
+    scheduler = sd15_scheduler()
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
+
+
+def sd15_scheduler():
+    """The scheduler Stable Diffusion 1.5 ships with (PNDM, its noise schedule)."""
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -132,13 +146,6 @@ def build_tiny_components() -> dict:
         skip_prk_steps=True,
         steps_offset=1,
     )
-    return {
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "scheduler": scheduler,
-    }
 
 
 def build_tiny_controlnet(unet, control_type: str):

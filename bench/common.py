@@ -1,0 +1,516 @@
+"""Helpers shared by Stencil's benchmarks (bench/*.py): environment, interleaved timing,
+memory accounting, markdown output, and the random-weight Stable Diffusion 1.5 folder.
+
+Benchmarks here compare two ways of doing the same work in one process, timed A, B, B, A ...
+so that the noise of a shared machine lands on both sides; they report medians and ratios,
+never a lone absolute number. Nothing here runs at import: a benchmark calls `setup()`
+first, before anything imports huggingface_hub (which reads its settings at import time).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_CACHE = ROOT / ".cache" / "bench"
+# A Hugging Face cache private to the benchmarks: it holds stand-in files under real Hub ids
+# (see `link_into_hub_cache`) and must never mix with the user's own cache.
+BENCH_HUB_CACHE = BENCH_CACHE / "hub"
+RESULTS = ROOT / "bench" / "results"
+
+# Bump when anything that `write_sd15_random` writes changes: old folders are then rebuilt.
+SD15_RANDOM_VERSION = "v1"
+SD15_RANDOM_SEED = 15_2026
+SD15_RANDOM_DTYPE = "bfloat16"  # what the benchmarks run on the CPU (about 2x float32's speed)
+
+
+def setup() -> None:
+    """Offline, quiet, and writing only under .cache/bench; the repository root importable."""
+    BENCH_CACHE.mkdir(parents=True, exist_ok=True)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ["HF_HUB_CACHE"] = str(BENCH_HUB_CACHE)
+    os.environ["STENCIL_CACHE_DIR"] = str(BENCH_CACHE)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(BENCH_CACHE / "inductor"))
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*(mediapipe|Overwriting .* in registry).*")
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging, hub_logging):
+        library.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    # Stand-in preprocessor weights are expected here; the engine's warning is not news.
+    logging.getLogger("pipelines").setLevel(logging.ERROR)
+
+
+# ---- timing -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """One side of a comparison. Only `run` is timed.
+
+    `prepare(item)` builds what `run` needs (its result is `run`'s argument; the item itself
+    when there is no prepare); `finish(item, result)` inspects or drops the result.
+    """
+
+    run: Callable[[Any], Any]
+    prepare: Callable[[Any], Any] | None = None
+    finish: Callable[[Any, Any], None] | None = None
+
+
+def interleave(cases: Mapping[str, Case], items: Iterable[Any]) -> dict[str, list[float]]:
+    """Seconds per case per item, the cases run back to back on each item.
+
+    The order alternates (A B, then B A) so that a slow spell of the machine is shared, and
+    garbage is collected before every timed run, never inside one.
+    """
+    names = list(cases)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for index, item in enumerate(items):
+        for name in names if index % 2 == 0 else reversed(names):
+            case = cases[name]
+            argument = case.prepare(item) if case.prepare else item
+            gc.collect()
+            started = time.perf_counter()
+            result = case.run(argument)
+            seconds[name].append(time.perf_counter() - started)
+            del argument
+            if case.finish:
+                case.finish(item, result)
+            del result
+    gc.collect()
+    return seconds
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Timings of a baseline and a contender, measured interleaved on the same items."""
+
+    baseline: list[float]
+    contender: list[float]
+
+    @property
+    def ratio_of_medians(self) -> float:
+        """How many times longer the baseline takes (> 1: the contender is faster)."""
+        return statistics.median(self.baseline) / statistics.median(self.contender)
+
+    @property
+    def median_paired_ratio(self) -> float:
+        """The same ratio taken pair by pair (each pair ran back to back), then the median."""
+        return statistics.median(b / c for b, c in zip(self.baseline, self.contender))
+
+    @property
+    def n(self) -> int:
+        return len(self.baseline)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+# ---- memory -------------------------------------------------------------------------------
+
+
+def memory_snapshot(*, trim: bool = True) -> dict[str, int]:
+    """This process's memory in bytes, from /proc/self/smaps and /proc/self/status.
+
+    Rss, Pss, Pss_Anon, Pss_File: summed over all mappings (as smaps_rollup gives them).
+    Pss_Weights: PSS of the memory-mapped *.safetensors files. Pss_Model: Pss_Anon +
+    Pss_Weights, the figure to compare: it leaves out code pages of shared libraries, whose
+    share of PSS moves with whatever other processes on the machine map libtorch. VmHWM:
+    peak RSS of the process so far.
+
+    PSS charges a page shared with other processes in part, and a page this process maps
+    twice once: the honest figure for memory-mapped weights, where RSS counts every
+    mapping of the same file page again.
+    """
+    gc.collect()
+    if trim:
+        _malloc_trim()
+    values = {"Pss_Weights": 0}
+    with open("/proc/self/smaps_rollup") as rollup:
+        for line in rollup:
+            key, _, rest = line.partition(":")
+            if key in ("Rss", "Pss", "Pss_Anon", "Pss_File"):
+                values[key] = int(rest.split()[0]) * 1024
+    weights_file = False
+    with open("/proc/self/smaps") as smaps:  # per mapping: header line, then its fields
+        for line in smaps:
+            key, _, rest = line.partition(":")
+            if not rest or " " in key:
+                weights_file = line.rstrip().endswith(".safetensors")
+            elif key == "Pss" and weights_file:
+                values["Pss_Weights"] += int(rest.split()[0]) * 1024
+    values["Pss_Model"] = values["Pss_Anon"] + values["Pss_Weights"]
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                values["VmHWM"] = int(line.split()[1]) * 1024
+    return values
+
+
+MEMORY_KEYS = ("Rss", "Pss", "Pss_Anon", "Pss_File", "Pss_Weights", "Pss_Model")
+
+
+def memory_growth(after: Mapping[str, int], before: Mapping[str, int]) -> dict[str, int]:
+    return {key: after[key] - before[key] for key in MEMORY_KEYS}
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap back to the kernel, so that memory let go of stops counting."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def module_tensors(modules: Iterable[Any]) -> Iterable[Any]:
+    """Every parameter and buffer of every torch module given (None entries skipped)."""
+    for module in modules:
+        if module is None or not hasattr(module, "parameters"):
+            continue
+        yield from module.parameters()
+        yield from module.buffers()
+
+
+def unique_tensor_bytes(modules: Iterable[Any]) -> int:
+    """Bytes of weights held, each storage counted once however many modules share it.
+
+    Keyed by (data_ptr, size): a module shared between pipelines counts once, a second
+    copy loaded from the same file counts again (on a GPU it is a second copy; on the CPU
+    two memory maps of one file may share pages, which only PSS shows).
+    """
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for tensor in module_tensors(modules):
+        size = tensor.numel() * tensor.element_size()
+        key = (tensor.data_ptr(), size)
+        if key not in seen:
+            seen.add(key)
+            total += size
+    return total
+
+
+def touch_weights(modules: Iterable[Any]) -> None:
+    """Read every weight once, so that memory-mapped pages are resident before PSS is read."""
+    import torch
+
+    with torch.inference_mode():
+        for tensor in module_tensors(modules):
+            if tensor.numel():
+                tensor.view(-1)[:: max(1, 4096 // tensor.element_size())].float().sum()
+
+
+def pipeline_modules(pipe: Any) -> list[Any]:
+    """The torch modules of a diffusers pipeline (UNet, VAE, text encoder, ControlNet ...)."""
+    return [value for value in pipe.components.values() if hasattr(value, "parameters")]
+
+
+# ---- subprocess probes ----------------------------------------------------------------------
+
+
+def run_probe(script: Path, arguments: Sequence[str], *, timeout: float = 900) -> dict[str, Any]:
+    """Run `script arguments` in a fresh interpreter; its last stdout line is a JSON object.
+
+    Memory is measured in a process of its own, so that what one approach loaded never
+    shows in the other's numbers.
+    """
+    command = [sys.executable, str(script), *arguments]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"probe {' '.join(arguments)} failed (exit {done.returncode}):\n{done.stderr[-3000:]}"
+        )
+    return json.loads(lines[-1])
+
+
+# ---- reporting ----------------------------------------------------------------------------
+
+
+def seconds_text(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds:.2f} s"
+
+
+def bytes_text(size: float) -> str:
+    sign = "-" if size < 0 else ""
+    size = abs(size)
+    if size >= 2**30:
+        return f"{sign}{size / 2**30:.2f} GiB"
+    return f"{sign}{size / 2**20:.1f} MiB"
+
+
+def ratio_text(ratio: float) -> str:
+    return f"{ratio:.0f}x" if ratio >= 100 else f"{ratio:.2f}x"
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub markdown table; numbers right-aligned, text left-aligned by the first row."""
+    rows = [[str(cell) for cell in row] for row in rows]
+    numeric = [
+        bool(rows) and all(_looks_numeric(row[column]) for row in rows)
+        for column in range(len(headers))
+    ]
+    lines = ["| " + " | ".join(headers) + " |"]
+    lines.append("|" + "|".join("---:" if right else "---" for right in numeric) + "|")
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _looks_numeric(text: str) -> bool:
+    return bool(text) and (text[0].isdigit() or (text[0] == "-" and text[1:2].isdigit()))
+
+
+def machine_lines(dtype_note: str) -> list[str]:
+    """What ran the benchmark, as markdown bullet lines."""
+    import diffusers
+    import torch
+    import transformers
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return [
+        f"- CPU: {cpu}, {os.cpu_count()} logical CPUs ({usable} usable), no GPU used",
+        f"- Python {platform.python_version()}, torch {torch.__version__}, "
+        f"diffusers {diffusers.__version__}, transformers {transformers.__version__}",
+        f"- dtype: {dtype_note}",
+        f"- load average at start (1/5/15 min): {' / '.join(f'{x:.2f}' for x in os.getloadavg())}"
+        " (the machine is shared: other processes ran tests meanwhile)",
+    ]
+
+
+def command_line() -> str:
+    """The command that ran this benchmark, as someone would type it in the repository."""
+    python = Path(sys.executable)
+    try:
+        python_text = str(python.relative_to(ROOT))
+    except ValueError:
+        python_text = str(python)
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script_text = str(script.relative_to(ROOT))
+    except ValueError:
+        script_text = str(script)
+    import shlex
+
+    return shlex.join([python_text, script_text, *sys.argv[1:]])
+
+
+# ---- the real-size model: SD 1.5's shapes, random weights -----------------------------------
+
+
+def sd15_random_dir(cache_root: Path = BENCH_CACHE) -> Path:
+    return Path(cache_root) / "sd15-random"
+
+
+def ensure_sd15_random(
+    cache_root: Path = BENCH_CACHE, controlnets: Sequence[str] = ("canny", "pose", "depth")
+) -> Path:
+    """A diffusers folder shaped exactly like Stable Diffusion 1.5, with seeded random weights.
+
+    UNet, VAE and text encoder use SD 1.5's configs (the tokenizer is Stencil's tiny BPE: its
+    ids are small, so the full-size 49408-token embedding reads them); `controlnet-<type>/`
+    holds ControlNets made with `ControlNetModel.from_unet`, output convolutions randomised so
+    that they change the image. Written once in SD15_RANDOM_DTYPE (about 4.3 GiB on disk),
+    under a temporary name renamed into place; rebuilt when SD15_RANDOM_VERSION changes.
+    """
+    target = sd15_random_dir(cache_root)
+    stamp = target / "bench-model.json"
+    wanted = {"version": SD15_RANDOM_VERSION, "dtype": SD15_RANDOM_DTYPE}
+    have_all = all(
+        (target / f"controlnet-{kind}" / "config.json").is_file() for kind in controlnets
+    )
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted and have_all:
+        return target
+    print(f"building the random-weight SD 1.5 folder in {target} (once) ...", flush=True)
+    started = time.perf_counter()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".sd15-build-", dir=target.parent))
+    try:
+        write_sd15_random(staging, controlnets)
+        (staging / "bench-model.json").write_text(json.dumps(wanted))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"  built in {time.perf_counter() - started:.0f} s", flush=True)
+    return target
+
+
+def write_sd15_random(folder: Path, controlnets: Sequence[str]) -> None:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from pipelines.tiny import build_tiny_tokenizer, sd15_scheduler
+
+    dtype = getattr(torch, SD15_RANDOM_DTYPE)
+    unet = _sd15_unet()  # float32 while the ControlNets copy it, then cast once
+    for index, kind in enumerate(controlnets):
+        controlnet = random_controlnet(unet, seed=SD15_RANDOM_SEED + 100 + index).to(dtype)
+        controlnet.save_pretrained(folder / f"controlnet-{kind}", safe_serialization=True)
+        del controlnet
+        gc.collect()
+    tokenizer = build_tiny_tokenizer()
+    pipe = StableDiffusionPipeline(
+        unet=unet.to(dtype),
+        vae=_sd15_vae().to(dtype),
+        text_encoder=_sd15_text_encoder(tokenizer).to(dtype),
+        tokenizer=tokenizer,
+        scheduler=sd15_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def _sd15_unet():
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(SD15_RANDOM_SEED)
+    return UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def _sd15_vae():
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(SD15_RANDOM_SEED + 1)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+
+
+def _sd15_text_encoder(tokenizer):
+    """CLIP ViT-L/14's text tower (SD 1.5's text encoder), full 49408-token vocabulary."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(SD15_RANDOM_SEED + 2)
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def random_controlnet(unet, *, seed: int, scale: float = 0.02):
+    """`ControlNetModel.from_unet(unet)` (SD 1.5 ControlNet shapes) with seeded random
+    output convolutions: from_unet zero-initialises them, which would make it a no-op."""
+    import torch
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(unet)
+    generator = torch.Generator().manual_seed(seed)
+    convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+    convs.append(controlnet.controlnet_cond_embedding.conv_out)
+    with torch.no_grad():
+        for conv in convs:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * scale)
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator) * scale)
+    return controlnet
+
+
+def link_into_hub_cache(folder: Path, repo_id: str, hub_cache: Path = BENCH_HUB_CACHE) -> None:
+    """Make `repo_id` resolve, offline, to the files of `folder` (symlinks, no copy).
+
+    This is the Hugging Face cache layout (refs/main -> snapshots/<revision>/files), so the
+    engine's own `from_pretrained(repo_id)` loads these stand-ins exactly as it would load
+    downloaded weights. Only ever used with the bench's private cache (BENCH_HUB_CACHE).
+    """
+    import hashlib
+
+    revision = hashlib.sha1(f"stencil-bench:{folder.resolve()}".encode()).hexdigest()
+    repo = Path(hub_cache) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for source in Path(folder).iterdir():
+        link = snapshot / source.name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(source.resolve())
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+
+
+def parse_size_names(parser, text: str, known: Mapping[str, Any]) -> list[str]:
+    """`--sizes tiny,real` as a list, or an argparse error naming the sizes there are."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names or any(name not in known for name in names):
+        parser.error(f"--sizes takes {', '.join(known)}, comma-separated")
+    return names
+
+
+def write_report(text: str, path: Path) -> None:
+    """Write the results file, print it, and say where it went."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    print(text)
+    print(f"written to {path.relative_to(ROOT)}", file=sys.stderr)
