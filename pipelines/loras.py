@@ -47,6 +47,7 @@ CATALOGUE_FILE = "catalog.json"
 FAMILY_LABELS = {"sd15": "SD 1.5", "sdxl": "SDXL", "tiny": "the tiny test model"}
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,79}")
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 LORA_STRING_HINT = "write name:weight pairs separated by commas, e.g. 'tiny-ink:0.8, tiny-neon'"
 PROMPT_TAG_RE = re.compile(r"<lora:([^<>]*)>", re.IGNORECASE)
 UPLOAD_PREFIX = "upload-"
@@ -66,6 +67,7 @@ class HubSource:
     repo_id: str
     weight_name: str
     revision: str
+    sha256: str | None = None  # the file's published digest, checked after download
 
     @property
     def pinned(self) -> bool:
@@ -419,6 +421,13 @@ class LoraLibrary:
             report = validate_lora(path, signature, name=entry.name, max_bytes=limit)
             if entry.upload_sha256 is not None and report.sha256 != entry.upload_sha256:
                 raise LoraRejectedError(entry.name, "the stored upload no longer matches its hash")
+            expected = entry.hub.sha256 if entry.hub is not None else None
+            if expected is not None and report.sha256 != expected:
+                raise LoraRejectedError(
+                    entry.name,
+                    f"the downloaded file's sha256 {report.sha256[:12]}... is not the"
+                    f" catalogue's {expected[:12]}...",
+                )
             with self._lock:
                 self._file_reports[path] = (stat.st_mtime_ns, stat.st_size, report)
         return _Prepared(entry, path, report)
@@ -787,7 +796,7 @@ _ENTRY_FIELDS = {
     "name", "display_name", "file", "hub", "base", "trigger_words", "default_weight",
     "licence", "description", "preview",
 }  # fmt: skip
-_HUB_FIELDS = {"repo_id", "weight_name", "revision", "unpinned"}
+_HUB_FIELDS = {"repo_id", "weight_name", "revision", "unpinned", "sha256"}
 
 
 def _parse_entry(folder: Path, item: Any, where: str) -> LoraEntry:
@@ -847,7 +856,10 @@ def _parse_hub(hub: Any, where: str) -> HubSource | None:
     values = [hub.get(key) for key in ("repo_id", "weight_name", "revision")]
     if not all(isinstance(v, str) and v for v in values):
         raise CatalogueError(f"{where}: hub needs repo_id, weight_name and revision")
-    source = HubSource(*values)
+    digest = hub.get("sha256")
+    if digest is not None and (not isinstance(digest, str) or not SHA256_RE.fullmatch(digest)):
+        raise CatalogueError(f"{where}: hub sha256 must be 64 lowercase hex digits")
+    source = HubSource(*values, sha256=digest)
     if ".." in source.weight_name or source.weight_name.startswith("/"):
         raise CatalogueError(f"{where}: hub weight_name must be a path inside the repository")
     if not source.pinned and hub.get("unpinned") is not True:

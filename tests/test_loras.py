@@ -7,6 +7,7 @@ gives the base image bit for bit, a refused file changes nothing.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import shutil
@@ -315,6 +316,14 @@ def test_the_shipped_catalogue_pins_or_flags_every_hub_revision():
             },
             "not a commit sha",
         ),
+        (
+            {
+                "name": "x",
+                "base": "sd15",
+                "hub": {"repo_id": "a/b", "weight_name": "w", "revision": "0" * 40, "sha256": "ab"},
+            },
+            "sha256 must be 64 lowercase hex digits",
+        ),
         ({"name": "x", "base": "tiny"}, "exactly one of 'file' or 'hub'"),
         ({**file_entry("x", "a.safetensors"), "colour": "red"}, "unknown fields"),
     ],
@@ -334,6 +343,53 @@ def test_hub_entries_fail_clearly_when_they_cannot_be_fetched(tmp_path, pipe, ba
     with pytest.raises(ModelLoadError, match="downloads are disabled"):
         library.activate(pipe, [LoraChoice("far", 1.0)])
     assert np.array_equal(render(pipe), base_image)
+
+
+def put_in_hub_cache(cache: Path, repo_id: str, revision: str, name: str, data: bytes) -> None:
+    """Lay a file out as huggingface_hub's cache does after a download of that revision."""
+    snapshot = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (snapshot / name).write_bytes(data)
+
+
+def test_hub_entries_are_checked_against_their_published_digest(
+    tmp_path, pipe, base_image, tiny_family
+):
+    # The real hf_hub_download path, served from a filled cache (no network here): the file
+    # whose sha256 the catalogue names loads; different bytes under that name are refused.
+    ink = (SHIPPED / "tiny-ink.safetensors").read_bytes()
+    neon = (SHIPPED / "tiny-neon.safetensors").read_bytes()
+    cache, revision = tmp_path / "hub", "1" * 40
+    put_in_hub_cache(cache, "stencil-tests/ink", revision, "ink.safetensors", ink)
+    put_in_hub_cache(cache, "stencil-tests/swapped", revision, "ink.safetensors", neon)
+    digest = hashlib.sha256(ink).hexdigest()
+    folder = tmp_path / "lib"
+    folder.mkdir()
+    write_catalogue(
+        folder,
+        [
+            {
+                "name": f"from-{repo}",
+                "base": "tiny",
+                "hub": {
+                    "repo_id": f"stencil-tests/{repo}",
+                    "weight_name": "ink.safetensors",
+                    "revision": revision,
+                    "sha256": digest,
+                },
+            }
+            for repo in ("ink", "swapped")
+        ],
+    )
+    library = LoraLibrary(folder, "tiny", allow_downloads=False, hub_cache_dir=cache)
+    expected = with_loras(
+        LoraLibrary(SHIPPED, "tiny"), load_tiny_pipe(tiny_family), ("tiny-ink", 1.0)
+    )
+    assert np.array_equal(with_loras(library, pipe, ("from-ink", 1.0)), expected)
+    with pytest.raises(LoraRejectedError, match=r"sha256 .* is not the catalogue's"):
+        library.activate(pipe, [LoraChoice("from-swapped", 1.0)])
+    assert np.array_equal(render(pipe), expected)  # the refused file changed nothing
+    assert np.array_equal(with_loras(library, pipe), base_image)
 
 
 # --------------------------------------------------------------------------------------
