@@ -27,6 +27,7 @@ from .families import (
     FAMILIES,
     ModelFamily,
     cached_locally,
+    cached_revision,
     hub_reachable,
     resolve_family,
 )
@@ -110,10 +111,14 @@ class Engine:
         self.notice = notice
         self._lock = threading.RLock()
         self._controlnets: dict[str, Any] = {}
+        self._controlnet_revisions: dict[str, str | None] = {}
         self._map_cache: OrderedDict[tuple, Any] = OrderedDict()
         self._map_cache_size = map_cache_size
         self._map_cache_lock = threading.Lock()
         self.base = self._load_base()
+        self.base_revision = cached_revision(
+            self.family.locate(self.cache_root), "model_index.json"
+        )
         self.loras = self._open_lora_library(lora_folder, lora_hotswap_rank)
         if compile_unet:
             self._compile_unet()
@@ -193,6 +198,7 @@ class Engine:
                 except (OSError, ValueError) as exc:
                     raise ModelLoadError(f"could not load ControlNet {source}: {exc}") from exc
                 self._controlnets[ref] = net.to(self.device)
+                self._controlnet_revisions[ref] = cached_revision(source, "config.json")
             return self._controlnets[ref]
 
     @property
@@ -383,8 +389,12 @@ class Engine:
             width=width,
             height=height,
             family=self.family,
+            base_revision=self.base_revision,
             loras=applied_loras,
-            controlnets=[self.controlnet_ref(unit) for unit in request.controls],
+            controlnets=[
+                (ref, self._controlnet_revisions.get(ref))
+                for ref in map(self.controlnet_ref, request.controls)
+            ],
             preprocessor_weights=[self.preprocessor_weights(unit) for unit in request.controls],
         )
 

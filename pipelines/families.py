@@ -171,3 +171,23 @@ def cached_locally(repo_id: str) -> bool:
         return True
     except Exception:
         return False
+
+
+def cached_revision(source: str, filename: str, cache_dir: str | Path | None = None) -> str | None:
+    """The commit of the Hub snapshot that `from_pretrained(source)` read, or None for a
+    local folder or an uncached repo. A recipe that names it can fetch the same weights
+    after the branch has moved on."""
+    if Path(source).exists():
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(source, filename, cache_dir=cache_dir)
+    except Exception:  # a malformed id is not a Hub repo: nothing to record
+        return None
+    if not isinstance(found, str):
+        return None
+    parts = Path(found).parts
+    if "snapshots" not in parts:
+        return None
+    return parts[parts.index("snapshots") + 1]

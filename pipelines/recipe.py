@@ -27,8 +27,19 @@ def library_versions() -> dict[str, str]:
 
 
 def build_recipe(
-    *, request, prompt, seed, width, height, family, loras, controlnets, preprocessor_weights
+    *,
+    request,
+    prompt,
+    seed,
+    width,
+    height,
+    family,
+    base_revision=None,
+    loras,
+    controlnets,
+    preprocessor_weights,
 ) -> dict:
+    """`controlnets`: (reference, resolved Hub commit or None) per control unit."""
     return {
         "stencil_recipe": RECIPE_VERSION,
         "prompt": prompt,
@@ -40,11 +51,12 @@ def build_recipe(
         "width": width,
         "height": height,
         "num_images": request.num_images,
-        "model": {"family": family.name, "base": family.base_id},
+        "model": {"family": family.name, "base": family.base_id, "revision": base_revision},
         "controls": [
             {
                 "control_type": unit.control_type,
                 "controlnet": controlnet,
+                "controlnet_revision": controlnet_revision,
                 "preprocessor_weights": weights,
                 "conditioning_scale": unit.conditioning_scale,
                 "guidance_start": unit.guidance_start,
@@ -52,7 +64,7 @@ def build_recipe(
                 "resolution": unit.resolution,
                 "params": unit.param_dict,
             }
-            for unit, controlnet, weights in zip(
+            for unit, (controlnet, controlnet_revision), weights in zip(
                 request.controls, controlnets, preprocessor_weights
             )
         ],
@@ -126,22 +138,25 @@ def python_snippet(recipe: dict) -> str:
         'device = "cuda" if torch.cuda.is_available() else "cpu"',
         'dtype = torch.float16 if device == "cuda" else torch.float32',
     ]
+    revision = _revision_arg(recipe["model"].get("revision"))
     controls = recipe.get("controls") or []
     if controls:
         nets = ", ".join(
-            f"ControlNetModel.from_pretrained({c['controlnet']!r}, torch_dtype=dtype)"
+            f"ControlNetModel.from_pretrained({c['controlnet']!r},"
+            f"{_revision_arg(c.get('controlnet_revision'))} torch_dtype=dtype)"
             for c in controls
         )
         lines += [
             f"controlnets = [{nets}]",
             "pipe = StableDiffusionControlNetPipeline.from_pretrained(",
-            f"    {base!r}, controlnet=controlnets, torch_dtype=dtype, safety_checker=None",
+            f"    {base!r},{revision} controlnet=controlnets, torch_dtype=dtype,"
+            " safety_checker=None",
             ").to(device)",
         ]
     else:
         lines += [
             "pipe = StableDiffusionPipeline.from_pretrained(",
-            f"    {base!r}, torch_dtype=dtype, safety_checker=None",
+            f"    {base!r},{revision} torch_dtype=dtype, safety_checker=None",
             ").to(device)",
         ]
     scheduler_class = _scheduler_class(recipe["scheduler"])
@@ -201,3 +216,8 @@ def _scheduler_overrides(name: str) -> str:
 
     overrides = get_scheduler_spec(name).overrides
     return "".join(f", {key}={value!r}" for key, value in overrides.items())
+
+
+def _revision_arg(revision: str | None) -> str:
+    """` revision='<commit>',` for weights that came from the Hub, else nothing."""
+    return f" revision={revision!r}," if revision else ""

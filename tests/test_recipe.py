@@ -46,3 +46,49 @@ def test_the_python_snippet_reproduces_the_image_with_plain_diffusers(engine, ca
     namespace: dict = {}
     exec(compile(snippet, "recipe-snippet", "exec"), namespace)
     assert namespace["image"].tobytes() == result.images[0].tobytes()
+
+
+def test_hub_weights_are_recorded_at_the_commit_that_was_read(tmp_path, cache_root):
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    from pipelines.families import cached_revision
+    from pipelines.tiny import tiny_family_dir
+
+    # The tiny family laid out as huggingface_hub caches a download of "main".
+    commit = "5" * 40
+    repo = tmp_path / "hub" / "models--stencil-tests--tiny"
+    shutil.copytree(tiny_family_dir(cache_root), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    cache = tmp_path / "hub"
+    assert cached_revision("stencil-tests/tiny", "model_index.json", cache_dir=cache) == commit
+    pipe = StableDiffusionPipeline.from_pretrained(
+        "stencil-tests/tiny", cache_dir=cache, local_files_only=True, revision=commit
+    )
+    assert pipe.unet is not None  # that commit is what from_pretrained loads
+    assert cached_revision("stencil-tests/absent", "model_index.json", cache_dir=cache) is None
+    assert cached_revision(str(tiny_family_dir(cache_root)), "model_index.json") is None
+
+
+def test_the_snippet_pins_the_recorded_commits(engine):
+    from PIL import Image as PILImage
+
+    from pipelines.requests import ControlUnit
+
+    request = GenerationRequest(
+        "a fox",
+        seed=1,
+        steps=2,
+        width=64,
+        height=64,
+        controls=(ControlUnit("image", PILImage.new("RGB", (64, 64))),),
+    )
+    recipe = engine.generate(request).recipe
+    assert recipe["model"]["revision"] is None  # the tiny family is a local folder
+    recipe["model"]["revision"] = "a" * 40
+    recipe["controls"][0]["controlnet_revision"] = "b" * 40
+    snippet = python_snippet(recipe)
+    compile(snippet, "recipe-snippet", "exec")
+    assert f"revision={'a' * 40!r}" in snippet and f"revision={'b' * 40!r}" in snippet
