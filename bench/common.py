@@ -514,3 +514,14 @@ def write_report(text: str, path: Path) -> None:
     path.write_text(text, encoding="utf-8")
     print(text)
     print(f"written to {path.relative_to(ROOT)}", file=sys.stderr)
+
+
+def run_probes(script: Path, probes: Iterable[str], size: Any, extra: Sequence[str] = ()):
+    """Each memory probe of `script` in its own interpreter, at `size`, timed for the log."""
+    out = {}
+    for name in probes:
+        started = time.perf_counter()
+        arguments = ["--probe", name, "--size", size.name, "--threads", str(size.threads)]
+        out[name] = run_probe(script, [*arguments, *extra])
+        print(f"  probe {name}: {time.perf_counter() - started:.0f} s", flush=True)
+    return out

@@ -457,14 +457,7 @@ def probe(name: str, size: Size) -> dict[str, Any]:
 
 
 def run_probes(size: Size) -> dict[str, dict[str, Any]]:
-    script = Path(__file__).resolve()
-    out = {}
-    for name in PROBES:
-        started = time.perf_counter()
-        arguments = ["--probe", name, "--size", size.name, "--threads", str(size.threads)]
-        out[name] = common.run_probe(script, arguments)
-        print(f"  probe {name}: {time.perf_counter() - started:.0f} s", flush=True)
-    return out
+    return common.run_probes(Path(__file__).resolve(), PROBES, size)
 
 
 # ---- the report -----------------------------------------------------------------------------

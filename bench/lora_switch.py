@@ -625,14 +625,7 @@ def probe(name: str, size: Size, count: int) -> dict[str, Any]:
 
 
 def run_probes(size: Size, count: int) -> dict[str, dict[str, Any]]:
-    script = Path(__file__).resolve()
-    out = {}
-    for name in PROBES:
-        started = time.perf_counter()
-        arguments = ["--probe", name, "--size", size.name, "--threads", str(size.threads)]
-        out[name] = common.run_probe(script, [*arguments, "--switches", str(count)])
-        print(f"  probe {name}: {time.perf_counter() - started:.0f} s", flush=True)
-    return out
+    return common.run_probes(Path(__file__).resolve(), PROBES, size, ["--switches", str(count)])
 
 
 # ---- one size ---------------------------------------------------------------------------------
