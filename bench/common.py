@@ -9,6 +9,7 @@ first, before anything imports huggingface_hub (which reads its settings at impo
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import logging
@@ -21,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -498,6 +499,24 @@ def link_into_hub_cache(folder: Path, repo_id: str, hub_cache: Path = BENCH_HUB_
         link.symlink_to(source.resolve())
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(revision)
+
+
+def bench_parser(description: str, probes: Sequence[str], sizes: Mapping[str, Any]):
+    """The arguments both benchmarks take: sizes, threads, and the hidden probe switches
+    with which a benchmark runs one memory probe in a fresh interpreter."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--sizes", default="tiny,real", help="comma list of: tiny, real")
+    parser.add_argument("--threads", type=int, help="torch threads (default 1; see Size)")
+    parser.add_argument("--probe", choices=probes, help=argparse.SUPPRESS)
+    parser.add_argument("--size", choices=list(sizes), help=argparse.SUPPRESS)
+    return parser
+
+
+def with_threads(sizes: Mapping[str, Any], threads: int | None) -> dict[str, Any]:
+    """The sizes, each with `threads` torch threads where given (sizes are dataclasses)."""
+    return {
+        name: replace(size, threads=threads) if threads else size for name, size in sizes.items()
+    }
 
 
 def parse_size_names(parser, text: str, known: Mapping[str, Any]) -> list[str]:

@@ -34,12 +34,11 @@ those itself in fresh interpreters.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -863,18 +862,11 @@ What the numbers say, and where they stop applying:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="tiny,real", help="comma list of: tiny, real")
+    parser = common.bench_parser(__doc__.split("\n\n")[0], PROBES, SIZES)
     parser.add_argument("--repeats", type=int, default=3, help="shuffled blocks / window runs")
-    parser.add_argument("--threads", type=int, help="torch threads (default 1; see Size)")
-    parser.add_argument("--probe", choices=PROBES, help=argparse.SUPPRESS)
-    parser.add_argument("--size", choices=list(SIZES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     common.setup()
-    sizes = {
-        name: replace(size, threads=args.threads) if args.threads else size
-        for name, size in SIZES.items()
-    }
+    sizes = common.with_threads(SIZES, args.threads)
     if args.probe:
         print(json.dumps(probe(args.probe, sizes[args.size or "tiny"])))
         return

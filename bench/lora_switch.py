@@ -33,14 +33,13 @@ starts those itself in fresh interpreters.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import random
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -1155,22 +1154,15 @@ shapes with seeded random weights, `.cache/bench/sd15-random`):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="tiny,real", help="comma list of: tiny, real")
+    parser = common.bench_parser(__doc__.split("\n\n")[0], PROBES, SIZES)
     parser.add_argument("--switches", type=int, default=48, help="switches per sequence (>= 10)")
     parser.add_argument(
         "--rounds", type=int, default=3, help="fresh Stencil libraries over the sequence"
     )
-    parser.add_argument("--threads", type=int, help="torch threads (default 1)")
-    parser.add_argument("--probe", choices=PROBES, help=argparse.SUPPRESS)
-    parser.add_argument("--size", choices=list(SIZES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     common.setup()
     warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
-    sizes = {
-        name: replace(size, threads=args.threads) if args.threads else size
-        for name, size in SIZES.items()
-    }
+    sizes = common.with_threads(SIZES, args.threads)
     if args.probe:
         print(json.dumps(probe(args.probe, sizes[args.size or "tiny"], args.switches)))
         return

@@ -115,10 +115,7 @@ class Engine:
         self._map_cache: OrderedDict[tuple, Any] = OrderedDict()
         self._map_cache_size = map_cache_size
         self._map_cache_lock = threading.Lock()
-        self.base = self._load_base()
-        self.base_revision = cached_revision(
-            self.family.locate(self.cache_root), "model_index.json"
-        )
+        self.base, self.base_revision = self._load_base()
         self.loras = self._open_lora_library(lora_folder, lora_hotswap_rank)
         if compile_unet:
             self._compile_unet()
@@ -142,6 +139,7 @@ class Engine:
         return cls(FAMILIES["tiny"], notice=notice, **kwargs)
 
     def _load_base(self):
+        """The base pipeline, and the Hub commit it was read at (None for a local folder)."""
         pipeline_class = self.family.pipeline_class("text2img")
         source = self.family.locate(self.cache_root)
         options: dict[str, Any] = {"torch_dtype": self.dtype, "use_safetensors": True}
@@ -157,7 +155,7 @@ class Engine:
             ) from exc
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return pipe, cached_revision(source, "model_index.json")
 
     def _open_lora_library(self, folder, hotswap_rank: int | None):
         if not folder:

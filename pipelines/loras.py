@@ -635,8 +635,7 @@ class LoraLibrary:
         wanted = {p.report.sha256 for p in prepared}
         free = [s for s in self._slot_lru if self._slot_content[s] not in wanted]
         missing = sorted(
-            {p.report.sha256: p for p in prepared if p.report.sha256 not in holding}.values(),
-            key=lambda p: p.report.sha256,
+            (p for p in prepared if p.report.sha256 not in holding), key=lambda p: p.report.sha256
         )
         # The least recently used slots make room; within them, adapters go in hash order,
         # so adapters that arrive together sum in the same order whatever the request's order.

@@ -42,6 +42,15 @@ def load_tiny_pipe(folder: Path):
     return pipe
 
 
+def hub_snapshot(cache: Path, repo_id: str, revision: str) -> Path:
+    """An empty snapshot folder laid out as huggingface_hub caches a download of `revision`
+    (which "main" points at); fill it, and the real Hub loading code reads it offline."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    return repo / "snapshots" / revision
+
+
 @pytest.fixture(scope="session")
 def engine(cache_root):
     """One engine for the whole session, shared like the app shares it between users."""

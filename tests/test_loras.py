@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import load_tiny_pipe
+from conftest import hub_snapshot, load_tiny_pipe
 from safetensors.torch import load_file, save, save_file
 
 from pipelines.errors import (
@@ -346,8 +346,7 @@ def test_hub_entries_fail_clearly_when_they_cannot_be_fetched(tmp_path, pipe, ba
 
 
 def put_in_hub_cache(cache: Path, repo_id: str, revision: str, name: str, data: bytes) -> None:
-    """Lay a file out as huggingface_hub's cache does after a download of that revision."""
-    snapshot = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / revision
+    snapshot = hub_snapshot(cache, repo_id, revision)
     snapshot.mkdir(parents=True)
     (snapshot / name).write_bytes(data)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+from conftest import hub_snapshot
 from PIL import Image
 
 from pipelines.recipe import png_bytes_with_recipe, python_snippet, read_recipe
@@ -57,12 +58,8 @@ def test_hub_weights_are_recorded_at_the_commit_that_was_read(tmp_path, cache_ro
     from pipelines.tiny import tiny_family_dir
 
     # The tiny family laid out as huggingface_hub caches a download of "main".
-    commit = "5" * 40
-    repo = tmp_path / "hub" / "models--stencil-tests--tiny"
-    shutil.copytree(tiny_family_dir(cache_root), repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    cache = tmp_path / "hub"
+    commit, cache = "5" * 40, tmp_path / "hub"
+    shutil.copytree(tiny_family_dir(cache_root), hub_snapshot(cache, "stencil-tests/tiny", commit))
     assert cached_revision("stencil-tests/tiny", "model_index.json", cache_dir=cache) == commit
     pipe = StableDiffusionPipeline.from_pretrained(
         "stencil-tests/tiny", cache_dir=cache, local_files_only=True, revision=commit
