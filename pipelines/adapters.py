@@ -1,0 +1,482 @@
+"""The adapters on the shared model: one interface, two strategies.
+
+One shared model serves every request, so adapter state is shared too. An `AdapterStore`
+keeps track of what is loaded into the model and `activate` makes exactly the requested set
+active with the requested weights on every component, or none at all, so that "no LoRA"
+gives the base model's output bit for bit. If anything fails, the set active before is
+restored. The caller (the engine) holds its lock around `bind` and `activate`.
+
+- `NamedAdapters` loads each file once under its own adapter name and evicts the least
+  recently used by count and by a byte budget; a switch is `set_adapters`.
+- `HotswapSlots` keeps a fixed set of slots, padded to one rank on every attention layer, and
+  swaps files into them (`hotswap=True`); weights are filled into tensor scalings in place.
+  A `torch.compile`d UNet then keeps its one graph.
+
+`build_adapter_store` is the one place that chooses between them.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .errors import InvalidRequestError, LoraRejectedError
+from .lora_files import MiB, ModelSignature
+from .lora_sources import PreparedLora
+
+logger = logging.getLogger(__name__)
+
+ActiveSet = tuple[tuple[str, float], ...]  # (adapter name, weight), in summing order
+WeightedLora = tuple[PreparedLora, float]
+
+# peft matches adapter names as substrings of parameter names; fixed-width names keep one
+# adapter's name from ever being part of another's.
+SLOT_NAMES = tuple(f"stencil_slot_{letter}" for letter in "abcdefghijklmnop")
+
+
+def build_adapter_store(
+    *,
+    max_loaded: int = 16,
+    memory_budget_bytes: int = 512 * MiB,
+    hotswap_rank: int | None = None,
+    hotswap_slots: int = 2,
+) -> AdapterStore:
+    """Hotswap slots when a rank is given (for a compiled UNet), else named adapters.
+
+    Both strategies' settings are checked either way, so a bad setting fails at start-up
+    even while the other strategy is in use.
+    """
+    NamedAdapters.check_settings(max_loaded)
+    HotswapSlots.check_settings(hotswap_rank, hotswap_slots)
+    if hotswap_rank is None:
+        return NamedAdapters(max_loaded=max_loaded, memory_budget_bytes=memory_budget_bytes)
+    return HotswapSlots(rank=hotswap_rank, slots=hotswap_slots)
+
+
+def unwrapped_unet(pipe: Any) -> Any:
+    """The pipeline's UNet; a torch.compile'd UNet wraps it and is still the same model."""
+    return getattr(pipe.unet, "_orig_mod", pipe.unet)
+
+
+def live_adapters(pipe: Any) -> set[str]:
+    return {a for names in pipe.get_list_adapters().values() for a in names}
+
+
+class AdapterStore(ABC):
+    """The adapters loaded into one bound pipeline, and which of them are active."""
+
+    # Whether adapters change without a torch.compile'd UNet recompiling.
+    keeps_compiled_graph: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self._bound_unet: Any = None
+        self._signature: ModelSignature | None = None
+        self._active: ActiveSet | None = ()  # None: unknown, re-apply
+
+    @property
+    @abstractmethod
+    def capacity(self) -> int:
+        """How many adapters can be active at once."""
+
+    @abstractmethod
+    def loaded(self) -> list[str]:
+        """Labels of the adapters in memory, least recently used first (for tests, benches)."""
+
+    def is_bound_to(self, pipe: Any) -> bool:
+        return self._bound_unet is unwrapped_unet(pipe)
+
+    def bind(self, pipe: Any, signature: ModelSignature) -> None:
+        """Start over on `pipe`, whose layers `signature` describes; forgets the old model's
+        adapters. Call before compiling: a strategy may add layers."""
+        self._signature = signature
+        self._active = None  # unknown until the first activation applies a set
+        self._bound_unet = unwrapped_unet(pipe)
+        self._start_over(pipe)
+
+    def activate(self, pipe: Any, weighted: Sequence[WeightedLora]) -> ActiveSet:
+        """Make exactly these files active at these weights (none: LoRA off); returns the
+        adapters applied. On failure the previously active set is restored."""
+        prepared = [item for item, _ in weighted]
+        previous, snapshot = self._active, self._snapshot()
+        try:
+            self._check_capacity(prepared)
+            adapters = self._place(pipe, prepared)
+            # peft sums adapters in list order and float sums depend on order, so the list
+            # follows the files' hashes: neither the request's order nor the load history
+            # (which decides the internal adapter names) can change the image.
+            by_file = sorted(
+                zip(prepared, adapters, (w for _, w in weighted)), key=lambda t: t[0].sha256
+            )
+            target = tuple((adapter, weight) for _, adapter, weight in by_file)
+            self._apply(pipe, target)
+        except BaseException:
+            self._restore(pipe, previous, snapshot)
+            raise
+        return target
+
+    # ---- what each strategy decides
+
+    @abstractmethod
+    def _start_over(self, pipe: Any) -> None:
+        """Forget every adapter of the previously bound model and set up on `pipe`."""
+
+    @abstractmethod
+    def _check_can_hold(self, prepared: Sequence[PreparedLora]) -> None:
+        """Refuse, before the model changes, a set this strategy cannot hold."""
+
+    @abstractmethod
+    def _place(self, pipe: Any, prepared: Sequence[PreparedLora]) -> list[str]:
+        """Get every file into the model; returns each one's adapter name."""
+
+    @abstractmethod
+    def _apply_weights(self, pipe: Any, target: ActiveSet) -> None:
+        """Make exactly `target` active (empty: the base model's output)."""
+
+    def _snapshot(self) -> Any:
+        """What `_restorable` needs to know of the state before an activation."""
+        return None
+
+    def _restorable(self, pipe: Any, snapshot: Any) -> set[str]:
+        """Adapter names that may get back the weight they had before a failed activation."""
+        return live_adapters(pipe)
+
+    # ---- shared steps
+
+    def _check_capacity(self, prepared: Sequence[PreparedLora]) -> None:
+        if len(prepared) > self.capacity:
+            raise InvalidRequestError(
+                "loras",
+                [p.entry.name for p in prepared],
+                f"at most {self.capacity} LoRAs can be active at once",
+            )
+        self._check_can_hold(prepared)
+
+    def _apply(self, pipe: Any, target: ActiveSet) -> None:
+        # Already active with these weights: nothing to do (the cheap path a switch-heavy
+        # workload takes).
+        if target == self._active:
+            return
+        self._apply_weights(pipe, target)
+        self._active = target
+
+    def _restore(self, pipe: Any, previous: ActiveSet | None, snapshot: Any) -> None:
+        """Re-apply the set active before a failed activation, minus what is gone since."""
+        if previous is None or previous == self._active:
+            return
+        restorable = self._restorable(pipe, snapshot)
+        self._active = None
+        try:
+            self._apply(pipe, tuple((a, w) for a, w in previous if a in restorable))
+        except Exception:  # the original error is the one worth reporting
+            logger.exception("could not restore the previous LoRA set")
+
+    def _param_bytes(self, prepared: PreparedLora) -> int:
+        dtype_bytes = self._signature.dtype_bytes if self._signature else 4
+        return prepared.report.param_count * dtype_bytes
+
+
+# --------------------------------------------------------------------------------------
+# Named adapters: every file under its own name, least recently used evicted
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    adapter: str
+    label: str  # the name it was loaded as
+    param_bytes: int
+
+
+class NamedAdapters(AdapterStore):
+    """Each file loaded once under its own adapter name, kept until the LRU bounds evict it
+    (never one of the set being activated)."""
+
+    def __init__(self, *, max_loaded: int = 16, memory_budget_bytes: int = 512 * MiB):
+        super().__init__()
+        self.check_settings(max_loaded)
+        self.max_loaded = max_loaded
+        self.memory_budget_bytes = memory_budget_bytes
+        self._loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()  # by sha256, LRU first
+        self._load_counter = 0
+
+    @staticmethod
+    def check_settings(max_loaded: int) -> None:
+        if max_loaded < 1:
+            raise ValueError(f"max_loaded={max_loaded} must be at least 1")
+
+    @property
+    def capacity(self) -> int:
+        return self.max_loaded
+
+    def loaded(self) -> list[str]:
+        return [item.label for item in self._loaded.values()]
+
+    def _start_over(self, pipe: Any) -> None:
+        self._loaded.clear()
+
+    def _check_can_hold(self, prepared: Sequence[PreparedLora]) -> None:
+        needed = sum(self._param_bytes(p) for p in prepared)
+        if needed > self.memory_budget_bytes:
+            raise InvalidRequestError(
+                "loras",
+                [p.entry.name for p in prepared],
+                f"together they need {needed / MiB:.1f} MB of adapter weights; the budget is"
+                f" {self.memory_budget_bytes / MiB:.1f} MB",
+            )
+
+    def _place(self, pipe: Any, prepared: Sequence[PreparedLora]) -> list[str]:
+        keep = {p.sha256 for p in prepared}
+        adapters = []
+        for item in prepared:
+            if item.sha256 not in self._loaded:
+                self._evict(pipe, self._param_bytes(item), keep)
+                self._loaded[item.sha256] = self._load(pipe, item)
+            self._loaded.move_to_end(item.sha256)
+            adapters.append(self._loaded[item.sha256].adapter)
+        return adapters
+
+    def _apply_weights(self, pipe: Any, target: ActiveSet) -> None:
+        if not target:
+            pipe.disable_lora()
+            return
+        # Every component: set_adapters alone would leave a text encoder's earlier adapter
+        # active after a UNet-only load, and disable_lora sticks until undone.
+        pipe.enable_lora()
+        pipe.set_adapters([a for a, _ in target], adapter_weights=[w for _, w in target])
+
+    def _load(self, pipe: Any, item: PreparedLora) -> LoadedAdapter:
+        self._load_counter += 1
+        adapter = f"stencil_{self._load_counter:06d}_{item.sha256[:12]}"
+        self._active = None  # loading makes the new adapter active on some components
+        try:
+            pipe.load_lora_weights(
+                str(item.path.parent),
+                weight_name=item.path.name,
+                adapter_name=adapter,
+                use_safetensors=True,  # never fall back to unpickling
+            )
+        except Exception as exc:
+            _delete_adapter(pipe, adapter)
+            raise LoraRejectedError(
+                item.entry.name, f"it passed its checks but diffusers could not load it ({exc})"
+            ) from exc
+        return LoadedAdapter(adapter, item.entry.name, self._param_bytes(item))
+
+    def _evict(self, pipe: Any, incoming: int, keep: set[str]) -> None:
+        while self._over_bounds(incoming):
+            victim = next((sha for sha in self._loaded if sha not in keep), None)
+            if victim is None:
+                return
+            _delete_adapter(pipe, self._loaded.pop(victim).adapter)
+            self._active = None
+
+    def _over_bounds(self, incoming: int) -> bool:
+        used = sum(item.param_bytes for item in self._loaded.values())
+        return len(self._loaded) + 1 > self.max_loaded or used + incoming > self.memory_budget_bytes
+
+
+def _delete_adapter(pipe: Any, adapter: str) -> None:
+    if adapter in live_adapters(pipe):
+        pipe.delete_adapters([adapter])
+
+
+# --------------------------------------------------------------------------------------
+# Hotswap slots: a fixed set of slots, refilled in place
+
+
+class HotswapSlots(AdapterStore):
+    """A fixed set of `slots` adapters of rank `rank`; files are swapped into them.
+
+    All slots are always active; a slot's weight is a tensor filled in place, so neither a
+    swap nor a new weight changes what a compiled UNet traced.
+    """
+
+    keeps_compiled_graph = True
+
+    def __init__(self, *, rank: int, slots: int = 2):
+        super().__init__()
+        self.check_settings(rank, slots)
+        self.rank = rank
+        self.slot_count = slots
+        self._slots: tuple[str, ...] = ()
+        self._content: dict[str, str | None] = {}  # slot -> sha256 of the file in it
+        self._lru: OrderedDict[str, None] = OrderedDict()  # slots, least recently used first
+        self._scaling: dict[str, dict[int, float]] = {}  # slot -> id(layer) -> weight-1 scale
+        self._lora_layers: list[Any] = []
+        self._slot_modules: frozenset[str] = frozenset()
+        self._labels: dict[str, str] = {}  # sha256 -> the name it was first loaded as
+
+    @staticmethod
+    def check_settings(rank: int | None, slots: int) -> None:
+        if rank is not None and rank < 1:
+            raise ValueError(f"hotswap_rank={rank} must be a positive rank")
+        if not 1 <= slots <= len(SLOT_NAMES):
+            raise ValueError(f"hotswap_slots={slots} must be from 1 to {len(SLOT_NAMES)}")
+
+    @property
+    def capacity(self) -> int:
+        return self.slot_count
+
+    def loaded(self) -> list[str]:
+        return [self._labels.get(sha, sha[:12]) for sha in self._content.values() if sha]
+
+    def _start_over(self, pipe: Any) -> None:
+        self._slots = ()
+        self._create_slots(pipe)
+
+    def _check_can_hold(self, prepared: Sequence[PreparedLora]) -> None:
+        for item in prepared:
+            self._check_swappable(item)
+
+    def _place(self, pipe: Any, prepared: Sequence[PreparedLora]) -> list[str]:
+        holding = {sha: slot for slot, sha in self._content.items() if sha}
+        wanted = {p.sha256 for p in prepared}
+        free = [s for s in self._lru if self._content[s] not in wanted]
+        missing = sorted((p for p in prepared if p.sha256 not in holding), key=lambda p: p.sha256)
+        # The least recently used slots make room; within them, adapters go in hash order,
+        # so adapters that arrive together sum in the same order whatever the request's order.
+        # (All slots are always active and peft sums them in slot order; which slots an
+        # adapter that is already loaded sits in still depends on history: ~1e-7 in float32.)
+        victims = sorted(free[: len(missing)], key=self._slots.index)
+        for slot, item in zip(victims, missing):
+            holding[item.sha256] = slot
+            self._swap_into(pipe, slot, item)
+        slots = []
+        for item in prepared:
+            self._lru.move_to_end(holding[item.sha256])
+            slots.append(holding[item.sha256])
+        return slots
+
+    def _apply_weights(self, pipe: Any, target: ActiveSet) -> None:
+        self._fill_weights(dict(target))
+
+    def _snapshot(self) -> dict[str, str | None]:
+        return dict(self._content)
+
+    def _restorable(self, pipe: Any, snapshot: Mapping[str, str | None]) -> set[str]:
+        # A slot refilled with another file must not get the old file's weight.
+        refilled = {s for s in self._slots if self._content.get(s) != snapshot.get(s)}
+        return live_adapters(pipe) - refilled
+
+    def _check_swappable(self, item: PreparedLora) -> None:
+        report, name = item.report, item.entry.name
+        if set(report.targets) != {"unet"}:
+            raise LoraRejectedError(
+                name,
+                "it has text-encoder weights, and hotswap mode (used for a compiled UNet) can"
+                " only swap UNet LoRAs",
+            )
+        if max(report.ranks) > self.rank:
+            raise LoraRejectedError(
+                name, f"its rank {max(report.ranks)} is above the hotswap rank {self.rank}"
+            )
+        outside = sorted(report.modules["unet"] - self._slot_modules)
+        if outside:
+            raise LoraRejectedError(
+                name,
+                f"it targets layers outside the attention blocks (e.g. {outside[0]!r}), which"
+                " hotswap slots do not cover",
+            )
+        if not report.hotswap_compatible_config:
+            raise LoraRejectedError(
+                name,
+                "its layers use different alphas (or dropout/rslora/DoRA settings), which peft"
+                " cannot hotswap",
+            )
+
+    def _swap_into(self, pipe: Any, slot: str, item: PreparedLora) -> None:
+        self._active = None
+        self._content[slot] = None
+        try:
+            pipe.load_lora_weights(
+                str(item.path.parent),
+                weight_name=item.path.name,
+                adapter_name=slot,
+                hotswap=True,
+                use_safetensors=True,
+            )
+        except Exception as exc:
+            # diffusers deletes the slot's adapter when a hotswap fails; the slots are
+            # fixed, so start over with fresh ones rather than run with a hole.
+            self._recreate_slots(pipe)
+            raise LoraRejectedError(item.entry.name, f"hotswapping it failed ({exc})") from exc
+        # The swap set each layer's scaling to the new adapter's alpha / rank; remember it
+        # as the weight-1 scale. (peft's set_scale would use the slot's first config.)
+        self._scaling[slot] = {
+            id(layer): float(layer.scaling[slot])
+            for layer in self._lora_layers
+            if slot in layer.scaling
+        }
+        self._content[slot] = item.sha256
+        self._labels.setdefault(item.sha256, item.entry.name)
+
+    def _recreate_slots(self, pipe: Any) -> None:
+        try:
+            pipe.delete_adapters([s for s in self._slots if s in live_adapters(pipe)])
+            self._slots = ()
+            self._create_slots(pipe)
+        except Exception:
+            logger.exception("could not rebuild the hotswap slots")
+
+    def _fill_weights(self, weights: Mapping[str, float]) -> None:
+        for slot in self._slots:
+            weight = weights.get(slot, 0.0)
+            scales = self._scaling.get(slot, {})
+            for layer in self._lora_layers:
+                if slot in layer.scaling:
+                    layer.scaling[slot].fill_(weight * scales.get(id(layer), 0.0))
+
+    def _create_slots(self, pipe: Any) -> None:
+        """Fill every slot with an all-zero LoRA of the target rank on every attention layer.
+
+        The slots then never change shape or target set, so a compiled UNet keeps its graph
+        while adapters are swapped in (peft can only swap into layers a slot already has).
+        """
+        from peft.tuners.lora import LoraLayer
+        from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+
+        unet = unwrapped_unet(pipe)
+        if getattr(unet, "peft_config", None):
+            raise RuntimeError("hotswap mode needs a UNet without adapters; bind it first")
+        layers = {
+            name: shape
+            for name, shape in self._signature.layers["unet"].items()
+            if ".attentions." in name
+        }
+        template = _zero_lora(layers, self.rank, device=unet.device, dtype=unet.dtype)
+        slots = SLOT_NAMES[: self.slot_count]
+        pipe.enable_lora_hotswap(target_rank=self.rank)
+        for slot in slots:
+            # Fresh tensors per slot: diffusers adopts a state dict's tensors as the
+            # adapter's parameters (no copy), so slots built from one dict would share
+            # storage and a hotswap into one would write into all of them.
+            fresh = {key: value.clone() for key, value in template.items()}
+            pipe.load_lora_weights(fresh, adapter_name=slot)
+        # Scalings become tensors, so changing a weight is an in-place fill, not a new
+        # Python float that a compiled graph would have to guard on.
+        prepare_model_for_compiled_hotswap(unet, target_rank=self.rank, check_compiled="error")
+        unet.set_adapter(list(slots))
+        self._slots = slots
+        self._content = dict.fromkeys(slots)
+        self._lru = OrderedDict.fromkeys(slots)
+        self._slot_modules = frozenset(layers)
+        self._lora_layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+        self._scaling = {slot: {} for slot in slots}
+        self._active = None
+        self._fill_weights({})
+
+
+def _zero_lora(layers: Mapping[str, Any], rank: int, **like: Any) -> dict[str, Any]:
+    """A UNet LoRA state dict of rank `rank` on `layers`, all zeros: it changes nothing."""
+    import torch
+
+    state: dict[str, Any] = {}
+    for name, shape in layers.items():
+        a_shape = (rank, shape.in_features, *(shape.kernel or ()))
+        b_shape = (shape.out_features, rank, *(() if shape.kernel is None else (1, 1)))
+        state[f"unet.{name}.lora_A.weight"] = torch.zeros(a_shape, **like)
+        state[f"unet.{name}.lora_B.weight"] = torch.zeros(b_shape, **like)
+    return state
