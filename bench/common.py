@@ -15,11 +15,9 @@ import json
 import logging
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -36,7 +34,8 @@ RESULTS = ROOT / "bench" / "results"
 # Bump when anything that `write_sd15_random` writes changes: old folders are then rebuilt.
 SD15_RANDOM_VERSION = "v1"
 SD15_RANDOM_SEED = 15_2026
-SD15_RANDOM_DTYPE = "bfloat16"  # what the benchmarks run on the CPU (about 2x float32's speed)
+SD15_RANDOM_DTYPE = "bfloat16"  # what the real-size benchmarks run in on the CPU
+SD15_RANDOM_STAMP = "bench-model.json"  # records the version and dtype a folder was built with
 
 
 def setup() -> None:
@@ -317,19 +316,18 @@ def machine_lines(dtype_note: str) -> list[str]:
 
 def command_line() -> str:
     """The command that ran this benchmark, as someone would type it in the repository."""
-    python = Path(sys.executable)
-    try:
-        python_text = str(python.relative_to(ROOT))
-    except ValueError:
-        python_text = str(python)
-    script = Path(sys.argv[0]).resolve()
-    try:
-        script_text = str(script.relative_to(ROOT))
-    except ValueError:
-        script_text = str(script)
     import shlex
 
-    return shlex.join([python_text, script_text, *sys.argv[1:]])
+    python = _relative_to_root(Path(sys.executable))
+    script = _relative_to_root(Path(sys.argv[0]).resolve())
+    return shlex.join([python, script, *sys.argv[1:]])
+
+
+def _relative_to_root(path: Path) -> str:
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 # ---- the real-size model: SD 1.5's shapes, random weights -----------------------------------
@@ -344,169 +342,80 @@ def ensure_sd15_random(
 ) -> Path:
     """A diffusers folder shaped exactly like Stable Diffusion 1.5, with seeded random weights.
 
-    UNet, VAE and text encoder use SD 1.5's configs (the tokenizer is Stencil's tiny BPE: its
-    ids are small, so the full-size 49408-token embedding reads them); `controlnet-<type>/`
-    holds ControlNets made with `ControlNetModel.from_unet`, output convolutions randomised so
-    that they change the image. Written once in SD15_RANDOM_DTYPE (about 4.3 GiB on disk),
-    under a temporary name renamed into place; rebuilt when SD15_RANDOM_VERSION changes.
+    `pipelines.sd_builder` at `SD15_SIZE` (the tokenizer is Stencil's offline BPE: its ids
+    are small, so the full-size 49408-token embedding reads them), with a `controlnet-<type>/`
+    ControlNet per type. Written once in SD15_RANDOM_DTYPE, aside and renamed into place;
+    rebuilt when SD15_RANDOM_VERSION or the dtype changes, or a ControlNet is missing.
     """
+    from pipelines.atomic_folder import build_atomically
+
     target = sd15_random_dir(cache_root)
-    stamp = target / "bench-model.json"
-    wanted = {"version": SD15_RANDOM_VERSION, "dtype": SD15_RANDOM_DTYPE}
-    have_all = all(
-        (target / f"controlnet-{kind}" / "config.json").is_file() for kind in controlnets
-    )
-    if stamp.is_file() and json.loads(stamp.read_text()) == wanted and have_all:
-        return target
-    print(f"building the random-weight SD 1.5 folder in {target} (once) ...", flush=True)
-    started = time.perf_counter()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".sd15-build-", dir=target.parent))
-    try:
-        write_sd15_random(staging, controlnets)
-        (staging / "bench-model.json").write_text(json.dumps(wanted))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    print(f"  built in {time.perf_counter() - started:.0f} s", flush=True)
-    return target
+    stamp = {"version": SD15_RANDOM_VERSION, "dtype": SD15_RANDOM_DTYPE}
+
+    def is_complete(folder: Path) -> bool:
+        stamp_file = folder / SD15_RANDOM_STAMP
+        return (
+            stamp_file.is_file()
+            and json.loads(stamp_file.read_text()) == stamp
+            and all(
+                (folder / f"controlnet-{kind}" / "config.json").is_file() for kind in controlnets
+            )
+        )
+
+    def write(folder: Path) -> None:
+        print(f"building the random-weight SD 1.5 folder in {target} (once) ...", flush=True)
+        started = time.perf_counter()
+        write_sd15_random(folder, controlnets)
+        (folder / SD15_RANDOM_STAMP).write_text(json.dumps(stamp))
+        print(f"  built in {time.perf_counter() - started:.0f} s", flush=True)
+
+    return build_atomically(target, write, is_complete=is_complete)
 
 
 def write_sd15_random(folder: Path, controlnets: Sequence[str]) -> None:
-    import torch
-    from diffusers import StableDiffusionPipeline
+    from pipelines.sd_builder import SD15_SIZE, write_sd_family
 
-    from pipelines.tiny import build_tiny_tokenizer, sd15_scheduler
-
-    dtype = getattr(torch, SD15_RANDOM_DTYPE)
-    unet = _sd15_unet()  # float32 while the ControlNets copy it, then cast once
-    for index, kind in enumerate(controlnets):
-        controlnet = random_controlnet(unet, seed=SD15_RANDOM_SEED + 100 + index).to(dtype)
-        controlnet.save_pretrained(folder / f"controlnet-{kind}", safe_serialization=True)
-        del controlnet
-        gc.collect()
-    tokenizer = build_tiny_tokenizer()
-    pipe = StableDiffusionPipeline(
-        unet=unet.to(dtype),
-        vae=_sd15_vae().to(dtype),
-        text_encoder=_sd15_text_encoder(tokenizer).to(dtype),
-        tokenizer=tokenizer,
-        scheduler=sd15_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder, safe_serialization=True)
-
-
-def _sd15_unet():
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(SD15_RANDOM_SEED)
-    return UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        layers_per_block=2,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-
-
-def _sd15_vae():
-    import torch
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(SD15_RANDOM_SEED + 1)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=512,
-        scaling_factor=0.18215,
-    )
-
-
-def _sd15_text_encoder(tokenizer):
-    """CLIP ViT-L/14's text tower (SD 1.5's text encoder), full 49408-token vocabulary."""
-    import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(SD15_RANDOM_SEED + 2)
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-
-
-def random_controlnet(unet, *, seed: int, scale: float = 0.02):
-    """`ControlNetModel.from_unet(unet)` (SD 1.5 ControlNet shapes) with seeded random
-    output convolutions: from_unet zero-initialises them, which would make it a no-op."""
-    import torch
-    from diffusers import ControlNetModel
-
-    torch.manual_seed(seed)
-    controlnet = ControlNetModel.from_unet(unet)
-    generator = torch.Generator().manual_seed(seed)
-    convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
-    convs.append(controlnet.controlnet_cond_embedding.conv_out)
-    with torch.no_grad():
-        for conv in convs:
-            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * scale)
-            conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator) * scale)
-    return controlnet
+    size = replace(SD15_SIZE, seed=SD15_RANDOM_SEED)
+    write_sd_family(folder, size, controlnets, dtype=SD15_RANDOM_DTYPE)
 
 
 def link_into_hub_cache(folder: Path, repo_id: str, hub_cache: Path = BENCH_HUB_CACHE) -> None:
     """Make `repo_id` resolve, offline, to the files of `folder` (symlinks, no copy).
 
-    This is the Hugging Face cache layout (refs/main -> snapshots/<revision>/files), so the
+    The snapshot is laid out as huggingface_hub caches a download (`pipelines.hub`), so the
     engine's own `from_pretrained(repo_id)` loads these stand-ins exactly as it would load
     downloaded weights. Only ever used with the bench's private cache (BENCH_HUB_CACHE).
     """
     import hashlib
 
+    from pipelines.hub import hub_snapshot
+
     revision = hashlib.sha1(f"stencil-bench:{folder.resolve()}".encode()).hexdigest()
-    repo = Path(hub_cache) / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / revision
+    snapshot = hub_snapshot(hub_cache, repo_id, revision)
     snapshot.mkdir(parents=True, exist_ok=True)
     for source in Path(folder).iterdir():
         link = snapshot / source.name
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(source.resolve())
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(revision)
 
 
-def bench_parser(description: str, probes: Sequence[str], sizes: Mapping[str, Any]):
-    """The arguments both benchmarks take: sizes, threads, and the hidden probe switches
-    with which a benchmark runs one memory probe in a fresh interpreter."""
+def bench_parser(
+    description: str, probes: Sequence[str], sizes: Mapping[str, Any], results_file: Path
+) -> argparse.ArgumentParser:
+    """The arguments both benchmarks take: sizes, threads, where the results go, and the
+    hidden probe switches with which a benchmark runs one memory probe in a fresh
+    interpreter."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--sizes", default="tiny,real", help="comma list of: tiny, real")
     parser.add_argument("--threads", type=int, help="torch threads (default 1; see Size)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=results_file,
+        help=f"results file (default {results_file.relative_to(ROOT)}; a quick trial run "
+        "can write elsewhere and leave the published results alone)",
+    )
     parser.add_argument("--probe", choices=probes, help=argparse.SUPPRESS)
     parser.add_argument("--size", choices=list(sizes), help=argparse.SUPPRESS)
     return parser
@@ -529,10 +438,11 @@ def parse_size_names(parser, text: str, known: Mapping[str, Any]) -> list[str]:
 
 def write_report(text: str, path: Path) -> None:
     """Write the results file, print it, and say where it went."""
+    path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     print(text)
-    print(f"written to {path.relative_to(ROOT)}", file=sys.stderr)
+    print(f"written to {_relative_to_root(path)}", file=sys.stderr)
 
 
 def run_probes(script: Path, probes: Iterable[str], size: Any, extra: Sequence[str] = ()):

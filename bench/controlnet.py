@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/controlnet.py [--sizes tiny,real] [--repeats N]
 
-Writes bench/results/controlnet.md and prints it. Two sizes, each compared side by side:
+Writes bench/results/controlnet.md (or `--output PATH`) and prints it.
+Two sizes, each compared side by side:
 
 - tiny: Stencil's built-in tiny family (float32), served by the real `Engine`.
 - real: Stable Diffusion 1.5's exact shapes with seeded random weights (bfloat16, built once
@@ -18,7 +19,9 @@ from the engine's cache; `from_pipe` shares UNet, VAE and text encoder; a fresh 
 The "diffusers habit" loads `ControlNetModel.from_pretrained(cn_folder)` and
 `StableDiffusionControlNetPipeline.from_pretrained(base_folder, controlnet=...)` for every
 request (same files, same dtype, Euler a scheduler like the engine's default), then calls it
-with the engine's arguments. Control maps are made once, before timing, for both sides.
+as a plain script does (one map, one generator). Whenever the benchmark runs a pipeline the
+Stencil way it goes through the engine's own call, `Engine._run`, never a copy of its
+arguments. Control maps are made once, before timing, for both sides.
 
 1. Switching control type per request (shuffled canny/pose/depth): time to a ready
    pipeline, time end to end, and memory (PSS, in a fresh process per approach).
@@ -79,11 +82,9 @@ class Size:
     ready_per_type: int  # requests of each type per shuffled block, time to a ready pipeline
     request_per_type: int  # the same, end to end (and in the memory probes)
     window_runs: int  # runs per side per repeat in the window measurement
-    # torch threads: 1 by default. On this busy 2-core machine, 2 OpenMP threads stall
-    # whenever another process takes a core: a 2-step tiny request took 0.1 to 6.8 s with 2
-    # threads and a steady 45 to 60 ms with 1; a real-size UNet step (32x32 latent, batch 2)
-    # took 4.2 to 9.9 s with 2 threads and 2.5 to 3.1 s with 1, interleaved, while tests ran
-    # beside. Ratios need steady, not fast.
+    # torch threads: 1 by default, because ratios need steady timings more than fast ones,
+    # and several OpenMP threads stall whenever another process takes a core of a shared
+    # machine (see bench/README.md). --threads overrides it.
     threads: int = 1
 
 
@@ -169,7 +170,9 @@ def control_map(request):
     from pipelines.images import to_rgb
 
     unit = request.controls[0]
-    return controls.make_map(unit.control_type, to_rgb(unit.image), unit.resolution, {})
+    return controls.make_map(
+        unit.control_type, to_rgb(unit.image), unit.resolution, unit.param_dict
+    )
 
 
 def diffusers_pipeline(size: Size, files: ModelFiles, kind: str):
@@ -198,33 +201,53 @@ def diffusers_pipeline(size: Size, files: ModelFiles, kind: str):
     return pipe
 
 
-def call_pipeline(pipe, request, maps, *, output_type: str = "pil", as_list: bool = True):
-    """Run `pipe` with the arguments `Engine._run` passes (lists of maps, scales, windows)."""
+def engine_call(engine, pipe, request, maps, *, latents: bool = False):
+    """Run `pipe` through the engine's own call (`Engine._run`: the arguments it derives from
+    the request, its generators, its step callback), so no argument is restated here.
+
+    `latents=True` stops before the VAE decode, so a timing covers only the denoising loop.
+    """
+    from pipelines.engine import CancelToken
+
+    runnable = _LatentOutput(pipe) if latents else pipe
+    seeds = (request.seed,)
+    return engine._run(
+        runnable,
+        request,
+        request.prompt,
+        seeds,
+        request.width,
+        request.height,
+        maps,
+        None,
+        CancelToken(),
+    )
+
+
+class _LatentOutput:
+    """`pipe`, called with output_type="latent": the engine's call then returns latents."""
+
+    def __init__(self, pipe):
+        self._pipe = pipe
+
+    def __call__(self, **options):
+        return self._pipe(**options, output_type="latent")
+
+
+def habit_call(pipe, request, control_image):
+    """What a plain single-ControlNet diffusers script passes: one image, one generator."""
     import torch
 
-    units = request.controls
-    options: dict[str, Any] = dict(
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt or None,
-        num_inference_steps=request.steps,
-        guidance_scale=request.guidance_scale,
-        width=request.width,
-        height=request.height,
-        num_images_per_prompt=1,
-        generator=[torch.Generator(device="cpu").manual_seed(request.seed)],
-        output_type=output_type,
-    )
-    if as_list:
-        options.update(
-            image=list(maps),
-            controlnet_conditioning_scale=[float(u.conditioning_scale) for u in units],
-            control_guidance_start=[float(u.guidance_start) for u in units],
-            control_guidance_end=[float(u.guidance_end) for u in units],
-        )
-    else:  # what a plain single-ControlNet script passes
-        options.update(image=maps[0])
     with torch.inference_mode():
-        return pipe(**options).images
+        return pipe(
+            request.prompt,
+            image=control_image,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            width=request.width,
+            height=request.height,
+            generator=torch.Generator(device="cpu").manual_seed(request.seed),
+        ).images
 
 
 def shuffled_sequence(per_type: int, repeats: int) -> list[str]:
@@ -254,7 +277,7 @@ def measure_switching(size: Size, files: ModelFiles, engine, repeats: int) -> di
     for request in ready_requests.values():
         engine.generate(request)
     warm = diffusers_pipeline(size, files, "canny")
-    call_pipeline(warm, ready_requests["canny"], [maps["canny"]], as_list=False)
+    habit_call(warm, ready_requests["canny"], maps["canny"])
     del warm
 
     ready = interleave(
@@ -275,7 +298,7 @@ def measure_switching(size: Size, files: ModelFiles, engine, repeats: int) -> di
 
     def diffusers_request(kind):
         pipe = diffusers_pipeline(size, files, kind)
-        return call_pipeline(pipe, ready_requests[kind], [maps[kind]], as_list=False)[0]
+        return habit_call(pipe, ready_requests[kind], maps[kind])[0]
 
     end_to_end = interleave(
         {
@@ -347,14 +370,14 @@ def measure_window(size: Size, engine, repeats: int) -> list[dict[str, Any]]:
         def case(name, prepare, request=request, maps=maps, latents=latents):
             return Case(
                 prepare=prepare,
-                run=lambda pipe: call_pipeline(pipe, request, maps, output_type="latent"),
+                run=lambda pipe: engine_call(engine, pipe, request, maps, latents=True),
                 finish=lambda _item, out: latents[name].append(out.clone()),
             )
 
         def windowed_view(_item, request=request, maps=maps):
             return engine._compose(request, maps)
 
-        call_pipeline(windowed_view(None), request, maps, output_type="latent")  # warm-up
+        engine_call(engine, windowed_view(None), request, maps, latents=True)  # warm-up
         seconds = interleave(
             {"plain": case("plain", plain_view), "windowed": case("windowed", windowed_view)},
             range(repeats * size.window_runs),
@@ -367,7 +390,7 @@ def measure_window(size: Size, engine, repeats: int) -> list[dict[str, Any]]:
         engine_image = engine.generate(request).images[0]
         windowed_calls = counter.detach()
         counter = CallCounter(net)
-        plain_image = call_pipeline(plain_view(None), request, maps)[0]
+        plain_image = engine_call(engine, plain_view(None), request, maps)[0]
         plain_calls = counter.detach()
         images_equal = engine_image.tobytes() == plain_image.tobytes()
         assert latents_equal, f"window {guidance_end}: latents differ between the two ways"
@@ -424,7 +447,7 @@ def probe(name: str, size: Size) -> dict[str, Any]:
         during, weights = [], []
         for kind in shuffled_sequence(size.request_per_type, 1):
             pipe = diffusers_pipeline(size, files, kind)
-            call_pipeline(pipe, requests[kind], [maps[kind]], as_list=False)
+            habit_call(pipe, requests[kind], maps[kind])
             during.append(memory_growth(memory_snapshot(), before)["Pss_Model"])
             weights.append(unique_tensor_bytes(pipeline_modules(pipe)))
             del pipe
@@ -503,7 +526,7 @@ def report(results: list[dict[str, Any]], repeats: int, runtime: float) -> str:
         "",
         f"Total runtime {runtime / 60:.1f} min ("
         + ", ".join(f"{r['size'].name} {r['seconds']:.0f} s" for r in results)
-        + "; building the random SD 1.5 folder the first time is extra, about 1 min).",
+        + "; building a model folder that was not there yet is not included).",
         "",
         *common.machine_lines(dtypes),
         "",
@@ -528,7 +551,7 @@ def report(results: list[dict[str, Any]], repeats: int, runtime: float) -> str:
     parts += section_switching(results, repeats)
     parts += section_memory(results)
     parts += section_window(results)
-    parts += section_interpretation(results)
+    parts += section_summary(results)
     return "\n".join(parts) + "\n"
 
 
@@ -541,11 +564,13 @@ What is compared:
   benchmark (`.cache/bench/hub`, snapshots symlinked to the random ControlNets). "Ready
   pipeline" is `engine._compose(request, maps)`: ControlNet from the engine's cache,
   `from_pipe` view sharing UNet/VAE/text encoder, `WindowedMultiControlNet`, fresh
-  scheduler. "End to end" is `engine.generate(request)`.
+  scheduler. "End to end" is `engine.generate(request)`; other Stencil-side runs go through
+  the engine's own call, `Engine._run`.
 - **diffusers habit**: per request `ControlNetModel.from_pretrained(cn_folder)` +
   `StableDiffusionControlNetPipeline.from_pretrained(base_folder, controlnet=...)` (same
-  files and dtype, so the best case for it: no dtype conversion, page cache warm), Euler a
-  scheduler like the engine's default, then one call with the same arguments.
+  files and dtype: no dtype conversion, and the page cache is warm after the warm-up), Euler
+  a scheduler like the engine's default, then one call as a plain script makes it (one map,
+  one generator, the request's prompt, steps, guidance, size and seed).
 - Control maps are computed once before timing and handed to both (the engine's map cache
   hits); preprocessing is not part of any number below."""
 
@@ -569,13 +594,9 @@ def dtype_warning(results) -> list[str]:
         )
     lines += [
         "",
-        "diffusers' `from_pipe(pipeline, ...)` ends with `new_pipeline.to(dtype=torch_dtype)`",
-        "and `torch_dtype` defaults to float32; the view shares its modules with the engine's",
-        "base, so the first composed request casts the shared UNet, VAE, text encoder and",
-        "the ControlNet in place. Every Stencil number at this size is then a float32 number",
-        "(twice the memory, about half the speed on this CPU) against a bfloat16 baseline, and",
-        "the images differ for that reason alone. Passing `torch_dtype=self.dtype` to",
-        "`from_pipe` in `Engine._compose` keeps the views at the engine's dtype.",
+        "The Stencil numbers of those sizes were then measured at another dtype than the",
+        "baseline's. (`from_pipe` casts the modules it shares to its `torch_dtype`, float32",
+        "unless told; `Engine._compose` passes the engine's dtype to prevent exactly this.)",
         "",
     ]
     return lines
@@ -705,8 +726,7 @@ def section_memory(results) -> list[str]:
         "libraries' code pages are left out: their PSS share moves with what other processes",
         'on the machine map). "During" is the largest reading taken right after a',
         "generation, before the diffusers pipeline is dropped; peak RSS is VmHWM minus the",
-        "starting RSS. At tiny size the weights are a few MiB and these numbers are mostly",
-        "interpreter and allocator noise; the real-size rows are the ones that mean something.",
+        "starting RSS.",
         "",
         markdown_table(
             [
@@ -773,8 +793,8 @@ def section_window(results) -> list[str]:
     return [
         "## 3. A half-length control window: skip the ControlNet vs multiply it by 0",
         "",
-        "One canny unit, `control_guidance_end` 0.5 (and 1.0 as a control: no step to skip, so",
-        "the ratio should be 1). Both sides are `from_pipe` views of the engine's base with the",
+        "One canny unit, `control_guidance_end` 0.5, and 1.0 as a control (no step to skip).",
+        "Both sides are `from_pipe` views of the engine's base with the",
         "same ControlNet, scheduler and seed; they differ only in the multi-ControlNet class.",
         'Timed: the denoising loop (`output_type="latent"`, text encoding included, no VAE',
         "decode). Bit-exactness is asserted by the benchmark: every timed run's latents equal",
@@ -807,8 +827,8 @@ def difference_text(saved: float) -> str:
     return f"Stencil takes {seconds_text(-saved)} longer per request"
 
 
-def section_interpretation(results) -> list[str]:
-    lines = ["## Interpretation", ""]
+def section_summary(results) -> list[str]:
+    lines = ["## Summary of the measurements", ""]
     for r in results:
         s, sw, p = r["size"], r["switching"], r["probes"]
         shared, separate = p["hold-shared"], p["hold-separate"]
@@ -822,10 +842,11 @@ def section_interpretation(results) -> list[str]:
             f"{ratio_text(e2e.ratio_of_medians)} as long "
             f"({difference_text(median(e2e.baseline) - median(e2e.contender))}), "
             f"with {'the same image, bit for bit' if sw['same_image'] else 'A DIFFERENT IMAGE'}. "
-            f"Keeping every ControlNet costs memory: Stencil held "
-            f"{bytes_text(p['switch-stencil']['held']['Pss_Model'])} (PSS) between requests, the "
-            f"diffusers habit peaked at {bytes_text(p['switch-diffusers']['during_pss_max'])} "
-            "with one pipeline alive and let it go after. "
+            f"Stencil held {bytes_text(p['switch-stencil']['held']['Pss_Model'])} (PSS) "
+            "between requests, every ControlNet it used kept loaded; the diffusers habit "
+            f"peaked at {bytes_text(p['switch-diffusers']['during_pss_max'])} with one "
+            f"pipeline alive and held "
+            f"{bytes_text(p['switch-diffusers']['held']['Pss_Model'])} after the sequence. "
             f"Three separate pipelines hold {ratio_text(separate['weights'] / shared['weights'])} "
             f"the weight bytes of the shared layout ({bytes_text(separate['weights'])} vs "
             f"{bytes_text(shared['weights'])}) and "
@@ -835,34 +856,11 @@ def section_interpretation(results) -> list[str]:
             f"{ratio_text(window.ratio_of_medians)} as long as WindowedMultiControlNet's "
             f"({half['calls'][1]} vs {half['calls'][0]} ControlNet forwards), same latents."
         )
-    lines += ["", INTERPRETATION_NOTES]
     return lines
 
 
-INTERPRETATION_NOTES = """\
-What the numbers say, and where they stop applying:
-
-- Reloading per request is cheap here because this is its best case: safetensors files in
-  the files' own dtype, memory-mapped from a warm page cache, no device copy. At SD 1.5 size
-  that is a few hundred ms, a small share of even a one-step 256 px request and less of a
-  real 20-step 512 px one. It grows with a cold page cache (see the engine start and the
-  first use of a ControlNet above), with any dtype conversion (every weight copied), and on
-  a GPU (the base and ControlNet copied to the device on every request).
-- Three separate pipelines cost about the same PSS as one shared base on this CPU for the
-  same reason: their weights stay file-backed pages of one page cache (RSS counts every
-  mapping again; PSS does not). On a GPU, after a dtype conversion, or once weights change
-  in place (fused LoRAs), each pipeline holds its own copy: the "unique weight bytes" column
-  is the cost then, about 2x for three types and growing with each.
-- The price of Stencil's cache is resident memory: every ControlNet it has used stays
-  loaded, so it holds more than a load-use-drop script between requests.
-- The window saving grows with the share of steps outside the window and with the
-  ControlNet's cost next to the UNet's (about 40% of a UNet forward at SD 1.5 shapes: 0.9
-  to 1.0 s against 2.3 to 2.6 s here, 32x32 latent, batch 2, one thread); the images are
-  bit-identical, which the benchmark asserts."""
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = common.bench_parser(__doc__.split("\n\n")[0], PROBES, SIZES)
+    parser = common.bench_parser(__doc__.split("\n\n")[0], PROBES, SIZES, RESULTS_FILE)
     parser.add_argument("--repeats", type=int, default=3, help="shuffled blocks / window runs")
     args = parser.parse_args(argv)
     common.setup()
@@ -875,7 +873,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--repeats and --threads at least 1")
     started = time.perf_counter()
     results = [bench_size(sizes[name], args.repeats) for name in names]
-    common.write_report(report(results, args.repeats, time.perf_counter() - started), RESULTS_FILE)
+    common.write_report(report(results, args.repeats, time.perf_counter() - started), args.output)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/lora_switch.py [--sizes tiny,real] [--switches N] [--rounds N]
 
-Writes bench/results/lora_switch.md and prints it. At each size, side by side in one process:
+Writes bench/results/lora_switch.md (or `--output PATH`) and prints it.
+At each size, side by side in one process:
 
 - tiny: Stencil's tiny family (float32), loaded with `StableDiffusionPipeline.from_pretrained`.
 - real: Stable Diffusion 1.5's exact shapes with seeded random weights (bfloat16, the folder
@@ -72,6 +73,7 @@ TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 WEIGHTS = (0.5, 0.7, 0.8, 1.0)
 PAIR_SHARE = 0.3  # share of steps that activate two adapters at once
 PROBES = ("stencil", "reload")
+FILE_CHECK_REPEATS = 3
 WARMUP = "bench-warmup"
 
 
@@ -269,7 +271,9 @@ def _random_pairs(model, targets, rank: int, size: Size, generator, dtype) -> di
     return tensors
 
 
-def time_file_checks(size: Size, pipe, files: dict[str, dict[str, Any]], repeats: int = 3) -> None:
+def time_file_checks(
+    size: Size, pipe, files: dict[str, dict[str, Any]], repeats: int = FILE_CHECK_REPEATS
+) -> None:
     """What Stencil's first use of a file adds before loading it: `validate_lora` (read,
     sha256, header, keys converted and matched against the model's layer shapes)."""
     from pipelines.lora_files import ModelSignature, validate_lora
@@ -425,7 +429,7 @@ def check_images(size, steps, library, pipe_stencil, pipe_reload, base_image) ->
     names = [lora.name for lora in bench_loras(size)]
     singles = [Step(((name, 0.8),)) for name in names]
     if size.name == "real":
-        singles = singles[1::2]  # ranks 8 and 32: every real-size image costs a second or two
+        singles = singles[1::2]  # ranks 8 and 32 only: real-size images are slow on a CPU
     first, second = names[1], names[3]
     pair = Step(((first, 0.7), (second, 0.5)))
     swapped = Step(tuple(reversed(pair.pairs)))
@@ -704,8 +708,8 @@ def section_files(results) -> list[str]:
         "rank-8 one also targets the text encoder's `q_proj`, `k_proj`, `v_proj`, `out_proj`.",
         "",
         "The last column is Stencil's file check (`validate_lora`: read, sha256, header, keys",
-        "converted and matched against the model's layer shapes), median of 3, part of every",
-        "cold Stencil step below.",
+        "converted and matched against the model's layer shapes), median of "
+        f"{FILE_CHECK_REPEATS}, part of every cold Stencil step below.",
         "",
         markdown_table(
             ["size", "name", "rank", "layers", "dtype", "file size", "file check"], rows
@@ -756,6 +760,9 @@ def section_switching(results) -> list[str]:
     pairs = sum(len(step.pairs) == 2 for step in first)
     rounds = first[-1].round + 1
     sequence = ", ".join(step.text() for step in first[:8])
+    image_sides = ", ".join(
+        f"{r['size'].name} {r['size'].side}x{r['size'].side} px" for r in results
+    )
     generation_lines = []
     for r in results:
         g = r["switching"]["images"]["generation"]
@@ -803,9 +810,9 @@ def section_switching(results) -> list[str]:
         "### Same image",
         "",
         "After the timed sequence, each side activates the same set and generates one image",
-        "(1 step, Euler, guidance 5, same seed; tiny 64x64 px, real 128x128 px). Max pixel",
-        "difference on 0..255; the last column shows the LoRA set changes the image (Stencil's",
-        "image against the base image made before any LoRA was loaded: 0 only for no LoRA).",
+        f"(1 step, Euler, guidance 5, same seed; {image_sides}). Max pixel difference on",
+        "0..255; the last column compares Stencil's image with the base image made before any",
+        "LoRA was loaded.",
         "",
         markdown_table(
             [
@@ -825,11 +832,11 @@ def section_switching(results) -> list[str]:
         "",
         "With two adapters, peft adds their outputs in the order of the active-adapter list,",
         "and float addition is not associative. The reload habit's order is the request's;",
-        "Stencil orders the set by the files' sha256, so neither the request's order nor the",
-        "library's load history can change its image. The same pair through a fresh library",
-        "that loaded the two adapters in the opposite order; and, as a control, the reload",
-        "habit loading the pair both ways round with one and the same `set_adapters` list",
-        "(the list order, not the load order, decides):",
+        "Stencil orders the set by the files' sha256. This table checks whether the request's",
+        "order or the library's load history changes Stencil's image: both request orders,",
+        "and the same pair through a fresh library that loaded the two adapters in the",
+        "opposite order; and, as a control, the reload habit loading the pair both ways round",
+        "with one and the same `set_adapters` list:",
         "",
         markdown_table(
             [
@@ -998,14 +1005,13 @@ def section_hotswap(results) -> list[str]:
         "",
         "Hotswap sums the two slots in slot order (a, b). Adapters swapped in together go into",
         "their slots in sha256 order, as normal mode sums them; an adapter already in a slot",
-        "stays where it is, so a pair can differ in the last bit for that reason alone",
-        "(single adapters match exactly, as do pairs whose slot order equals the hash order).",
+        "stays where it is, so a pair's sum can run in another order than normal mode's.",
         "",
     ]
 
 
-def section_interpretation(results) -> list[str]:
-    lines = ["## Interpretation", ""]
+def section_summary(results) -> list[str]:
+    lines = ["## Summary of the measurements", ""]
     for r in results:
         s, sw, p, h = r["size"], r["switching"], r["probes"], r["hotswap"]
         warm, cold = sw["split"]["warm"], sw["split"]["cold"]
@@ -1021,7 +1027,7 @@ def section_interpretation(results) -> list[str]:
         )
         images += (
             f"the pair matched in one request order and differed by up to {max(pair_diffs)} "
-            "of 255 in the other (summation order, see below). "
+            "of 255 in the other (summation order: see the order table of part 1). "
             if 0 in pair_diffs and max(pair_diffs) > 0
             else f"the pair's largest difference was {max(pair_diffs)} of 255. "
         )
@@ -1044,61 +1050,7 @@ def section_interpretation(results) -> list[str]:
             f"mode's at p50 ({h['swapped'].n} of {h['all'].n} steps had to load a file into "
             "a slot)."
         )
-    lines += ["", INTERPRETATION_NOTES]
     return lines
-
-
-INTERPRETATION_NOTES = """\
-What the numbers say:
-
-- **Where the time goes.** The reload habit pays, on every request, for tearing down
-  peft's LoRA layers, reading each file, building the layers again in every targeted module
-  (48 at tiny size, 128 at real size) and copying the weights in. That per-layer work
-  dominates, not the bytes: a rank-64 file costs it about what a rank-4 file does (the
-  by-adapter table), and a pair loads two. A warm Stencil switch does none of that: it
-  resolves the names, stats the files (its check is cached by mtime and size), and calls
-  `enable_lora()` + `set_adapters()` for every component, a walk over the modules that is
-  just as independent of rank. The first use of an adapter costs Stencil about one load
-  plus the file check (the files table); after that, every switch is the cheap one. Cold
-  steps still favour Stencil at p50, because a pair with one new adapter loads only that
-  one; the cold p95s (n = 12) are within the noise of each other.
-- **The price is memory.** Every adapter Stencil has used stays in the model until the
-  LRU bound (`max_loaded`, `memory_budget_mb`) evicts it. Each costs its parameter count in
-  the model's dtype: about its file size when the file has the model's element width
-  (float16 file in a bfloat16 model here; float32 in float32 at tiny size), plus about
-  1 MiB of module bookkeeping per adapter at real size (anonymous PSS against parameter
-  bytes). A float16 file in a float32 model would take twice its size, a float32 file in a
-  bfloat16 model half. The library's budget estimate (parameter count x model dtype bytes)
-  is what peft actually holds here. (Tiny-size memory rows are allocator noise: the whole
-  set is 2.7 MiB.)
-- **Generation with adapters held.** peft's forward skips inactive adapters, but once a
-  model holds any adapter every targeted layer runs through peft's wrapper, even for a
-  no-LoRA request (`disable_lora` keeps the wrappers; `unload_lora_weights` removes them).
-  On the tiny model, where a generation is a few dozen milliseconds of mostly Python
-  overhead, that shows in the generation times of part 1; at real size it is lost in the
-  compute (ratio about 1).
-- **Same image, up to the order of a sum.** With one adapter, or none, Stencil and the
-  reload habit give the same image bit for bit. With two, peft adds the adapters' outputs in
-  the order of the list given to `set_adapters` (the last column of the order table: the
-  load order alone does not matter), and float addition is not associative, so the habit's
-  image follows the request's order (in bfloat16 visibly: several levels of 255). Stencil
-  orders the set by the files' sha256: one image for both request orders, and the same
-  image through a fresh library that loaded the pair the other way round (the order table
-  in part 1), so two servers, a restart or an LRU eviction cannot change a two-LoRA image.
-- **Hotswap mode is for compiled UNets, not for speed in eager mode.** With five adapters
-  and two slots, most switches load a file into a slot (a hotswap copy, faster than the
-  habit's full load but far slower than `set_adapters`); weight-only changes are an
-  in-place fill of the scalings and nearly free. Its reason to exist is `torch.compile`:
-  a plain second `load_lora_weights` on a compiled UNet recompiles (16 s on the tiny model
-  in the lab notes), a hotswap does not. Not measured here.
-- **Not covered.** "Cold" means first use by the model with the file in the page cache: a
-  cold disk, or a Hub download, adds the same cost to the first use on both sides and to
-  every request of the reload habit. kohya-format files cost a key conversion on every load:
-  the habit pays it per request, Stencil at first use only (twice: check and load); all
-  files here are in the peft layout. On a GPU the habit also copies the weights to the
-  device on every load. The machine is shared, so the p95
-  of a side that reads files swings with other processes' disk and CPU use; the warm p50
-  ratios were the stable figure across runs."""
 
 
 def report(results: list[dict[str, Any]], runtime: float) -> str:
@@ -1130,7 +1082,7 @@ def report(results: list[dict[str, Any]], runtime: float) -> str:
     parts += section_switching(results)
     parts += section_memory(results)
     parts += section_hotswap(results)
-    parts += section_interpretation(results)
+    parts += section_summary(results)
     return "\n".join(parts) + "\n"
 
 
@@ -1154,7 +1106,7 @@ shapes with seeded random weights, `.cache/bench/sd15-random`):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = common.bench_parser(__doc__.split("\n\n")[0], PROBES, SIZES)
+    parser = common.bench_parser(__doc__.split("\n\n")[0], PROBES, SIZES, RESULTS_FILE)
     parser.add_argument("--switches", type=int, default=48, help="switches per sequence (>= 10)")
     parser.add_argument(
         "--rounds", type=int, default=3, help="fresh Stencil libraries over the sequence"
@@ -1176,7 +1128,7 @@ def main(argv: list[str] | None = None) -> None:
     results = [
         bench_size(sizes[name], args.switches, args.rounds, memory_switches) for name in names
     ]
-    common.write_report(report(results, time.perf_counter() - started), RESULTS_FILE)
+    common.write_report(report(results, time.perf_counter() - started), args.output)
 
 
 if __name__ == "__main__":

@@ -7,22 +7,29 @@ holding a diffusers pipeline (`model_index.json`): its architecture is read from
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import ModelLoadError, UnknownNameError
 
-# Pipeline classes per architecture; ControlNet pipelines are composed from the base one.
+# The Hub questions live in .hub; tests still import cached_revision from here.
+from .hub import cached_revision  # noqa: F401
+
+# Diffusers classes per architecture; ControlNet pipelines are composed from the base one.
+# "safety_checker" names the component Stencil switches off where the pipeline has one
+# (the engine and the recipe's snippet both read it).
 ARCHITECTURES: dict[str, dict[str, str]] = {
     "sd": {
         "text2img": "StableDiffusionPipeline",
         "controlnet": "StableDiffusionControlNetPipeline",
+        "controlnet_model": "ControlNetModel",
+        "safety_checker": "StableDiffusionSafetyChecker",
     },
     "sdxl": {
         "text2img": "StableDiffusionXLPipeline",
         "controlnet": "StableDiffusionXLControlNetPipeline",
+        "controlnet_model": "ControlNetModel",
     },
 }
 _ARCHITECTURE_OF_PIPELINE_CLASS = {
@@ -143,51 +150,3 @@ def family_from_folder(folder: Path) -> ModelFamily:
         base_id=str(folder.resolve()),
         fp16_variant=False,
     )
-
-
-def hub_reachable(repo_id: str, timeout: float = 4.0) -> bool:
-    """Whether the Hub answers for `repo_id` right now, decided quickly.
-
-    Without this, a machine with no network spends ~20 s in retries per missing file
-    before from_pretrained gives up.
-    """
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
-        return False
-    try:
-        from huggingface_hub import HfApi
-
-        HfApi().model_info(repo_id, timeout=timeout)
-        return True
-    except Exception:  # any failure means "not now": the caller falls back, visibly
-        return False
-
-
-def cached_locally(repo_id: str) -> bool:
-    """Whether the Hub cache already holds this repo's pipeline index (no network used)."""
-    try:
-        from huggingface_hub import hf_hub_download
-
-        hf_hub_download(repo_id, "model_index.json", local_files_only=True)
-        return True
-    except Exception:
-        return False
-
-
-def cached_revision(source: str, filename: str, cache_dir: str | Path | None = None) -> str | None:
-    """The commit of the Hub snapshot that `from_pretrained(source)` read, or None for a
-    local folder or an uncached repo. A recipe that names it can fetch the same weights
-    after the branch has moved on."""
-    if Path(source).exists():
-        return None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(source, filename, cache_dir=cache_dir)
-    except Exception:  # a malformed id is not a Hub repo: nothing to record
-        return None
-    if not isinstance(found, str):
-        return None
-    parts = Path(found).parts
-    if "snapshots" not in parts:
-        return None
-    return parts[parts.index("snapshots") + 1]

@@ -18,6 +18,9 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".cache" / "inductor
 
 import pytest  # noqa: E402
 
+# Tests import the Hub-cache layout helper from here; it lives with the other Hub questions.
+from pipelines.hub import hub_snapshot  # noqa: E402, F401
+
 
 @pytest.fixture(scope="session")
 def cache_root() -> Path:
@@ -40,15 +43,6 @@ def load_tiny_pipe(folder: Path):
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def hub_snapshot(cache: Path, repo_id: str, revision: str) -> Path:
-    """An empty snapshot folder laid out as huggingface_hub caches a download of `revision`
-    (which "main" points at); fill it, and the real Hub loading code reads it offline."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(revision)
-    return repo / "snapshots" / revision
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from ..errors import UnknownNameError
+from ..hub import hub_offline, hub_reachable
 from .base import (
     MAX_MAP_SIDE,
     NO_WEIGHTS,
@@ -26,7 +27,7 @@ from .canny import CannyPreprocessor
 from .depth import DepthPreprocessor
 from .identity import IdentityPreprocessor
 from .pose import PosePreprocessor
-from .weights import WEIGHTED_KINDS, hub_offline, hub_reachable, resolve_weights
+from .weights import WEIGHTED_KINDS, resolve_weights
 
 PREPROCESSORS: Mapping[str, type[Preprocessor]] = MappingProxyType(
     {

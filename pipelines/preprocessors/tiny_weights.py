@@ -4,20 +4,18 @@ They load through exactly the code that loads the real weights
 (`OpenposeDetector.from_pretrained(folder)`, `pipeline("depth-estimation", model=folder)`),
 so tests and offline runs exercise the real path. They detect nothing meaningful.
 
-Folders are versioned (bump the version when the recipe changes), written to a temporary
-folder and renamed into place, and reused when present. Same seed, same bytes.
+Folders are versioned (bump the version when the recipe changes), written aside and renamed
+into place (`build_atomically`), and reused when present. Same seed, same bytes.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from ..atomic_folder import build_atomically
 
 OPENPOSE_VERSION = 1
 DEPTH_VERSION = 1
@@ -44,12 +42,12 @@ def build_tiny_openpose(folder: Path, *, seed: int = DEFAULT_SEED) -> Path:
     torch.save stores a storage once however many views share it, so each file is ~2.4 MB,
     and load_state_dict copies the views into ordinary dense parameters.
     """
-    return _build_atomically(Path(folder), lambda tmp: _write_openpose(tmp, seed))
+    return build_atomically(Path(folder), lambda staging: _write_openpose(staging, seed))
 
 
 def build_tiny_depth(folder: Path, *, seed: int = DEFAULT_SEED) -> Path:
     """Write a tiny Depth Anything model (~0.6 MB) and its image processor into `folder`."""
-    return _build_atomically(Path(folder), lambda tmp: _write_depth(tmp, seed))
+    return build_atomically(Path(folder), lambda staging: _write_depth(staging, seed))
 
 
 # --------------------------------------------------------------------------- openpose
@@ -162,24 +160,3 @@ def _write_depth(folder: Path, seed: int) -> None:
         image_mean=[0.485, 0.456, 0.406],
         image_std=[0.229, 0.224, 0.225],
     ).save_pretrained(folder)
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def _build_atomically(folder: Path, write: Callable[[Path], None]) -> Path:
-    if folder.is_dir():
-        return folder  # built before; the versioned name says it is this recipe
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        write(tmp)
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not folder.is_dir():  # not a lost race with another builder: a real failure
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 from ..errors import UnknownNameError
-from . import depth, pose, tiny_weights
+from ..hub import hub_reachable
+from . import depth, pose
 from .base import WeightsSource
 
 logger = logging.getLogger(__name__)
@@ -28,27 +27,6 @@ ENV_OVERRIDES = {"pose": "STENCIL_POSE_WEIGHTS", "depth": "STENCIL_DEPTH_WEIGHTS
 _REPOS = {"pose": pose.REPO_ID, "depth": depth.REPO_ID}
 # What must be present for a cached depth snapshot to be usable.
 _DEPTH_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
-
-
-def hub_offline() -> bool:
-    """True when HF_HUB_OFFLINE asks huggingface_hub never to reach the network."""
-    from huggingface_hub import constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
-    return flag in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
-
-
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """Whether the Hub endpoint accepts a TCP connection within `timeout` seconds."""
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def resolve_weights(
@@ -74,7 +52,7 @@ def resolve_weights(
         return WeightsSource(str(cached), "real", f"{repo} from the local Hugging Face cache")
     if offline:
         reason = "offline and not in the local Hugging Face cache"
-    elif not hub_reachable():
+    elif not hub_reachable(repo):
         reason = "the Hugging Face Hub cannot be reached"
     else:
         try:
@@ -119,6 +97,8 @@ def _download(kind: str, hub_cache: Path | None) -> Path:
 
 
 def _build_standin(kind: str, cache_dir: Path) -> Path:
+    from . import tiny_weights  # imports torch: only when a stand-in is really built
+
     if kind == "pose":
         return tiny_weights.build_tiny_openpose(tiny_weights.openpose_folder(cache_dir))
     return tiny_weights.build_tiny_depth(tiny_weights.depth_folder(cache_dir))
