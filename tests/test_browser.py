@@ -10,6 +10,10 @@ import shutil
 
 import pytest
 from conftest import ROOT
+from PIL import Image
+
+from pipelines.engine import size_like
+from pipelines.families import FAMILIES
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = [
@@ -23,6 +27,9 @@ FLAGS = [
     "--disable-sync",
 ]
 SCREENSHOT = ROOT / ".cache" / "screenshots" / "stencil-page.png"
+HOUSE = ROOT / "examples" / "house.png"
+# The pixel size of the picture an <img> shows, once it has loaded.
+NATURAL_SIZE = "img => img.decode().then(() => [img.naturalWidth, img.naturalHeight])"
 
 pytestmark = pytest.mark.browser
 
@@ -47,9 +54,7 @@ def test_upload_preview_generate_and_see_the_image(page):
     assert "tiny model" in page.locator("#status").inner_text()
 
     page.locator("#prompt textarea").fill("a stone cottage, ink")
-    page.locator("#control_image input[type=file]").set_input_files(
-        str(ROOT / "examples" / "house.png")
-    )
+    page.locator("#control_image input[type=file]").set_input_files(str(HOUSE))
     page.locator("#control_type input").click()
     page.get_by_role("option", name="Canny edges").click()
 
@@ -59,11 +64,16 @@ def test_upload_preview_generate_and_see_the_image(page):
     page.locator("#generate").click()
     result = page.locator("#results img").first
     result.wait_for()
-    assert result.evaluate("img => img.naturalWidth") > 0
+    # The generated picture itself (not its thumbnail box): the size the engine picks for
+    # an upload with no width or height, the upload's aspect at the family's size.
+    shown = result.evaluate(NATURAL_SIZE)
+    with Image.open(HOUSE) as house:
+        expected = size_like(*house.size, long_side=FAMILIES["tiny"].default_size)
+    assert tuple(shown) == expected
+    assert expected[0] != expected[1]  # the aspect was followed, not the family's square
 
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
-    assert SCREENSHOT.stat().st_size > 10_000
 
 
 def test_dropping_a_stencil_png_restores_its_settings(page, client):

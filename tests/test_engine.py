@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import pixels
+from conftest import ROOT, pixels
+from PIL import Image
 
 from pipelines.engine import CancelToken, Engine
 from pipelines.errors import (
     GenerationCancelled,
     InvalidRequestError,
+    LoraRejectedError,
     ModelLoadError,
     UnknownNameError,
 )
 from pipelines.families import FAMILIES, resolve_family
-from pipelines.requests import GenerationRequest
+from pipelines.requests import ControlUnit, GenerationRequest, LoraChoice
 from pipelines.schedulers import SCHEDULERS
 
 
@@ -47,7 +53,7 @@ def test_another_seed_or_prompt_gives_another_image(engine):
 def test_random_seed_is_reported_and_reproduces_the_image(engine):
     result = engine.generate(small(seed=None))
     again = engine.generate(small(seed=result.seed))
-    assert result.recipe["seed"] == result.seed
+    assert result.recipe.settings["seed"] == result.seed
     assert result.images[0].tobytes() == again.images[0].tobytes()
 
 
@@ -57,7 +63,7 @@ def test_each_scheduler_runs_and_is_reproducible(engine, scheduler):
     second = engine.generate(small(scheduler=scheduler, steps=3))
     assert first.images[0].size == (64, 64)
     assert first.images[0].tobytes() == second.images[0].tobytes()
-    assert first.recipe["scheduler"] == scheduler
+    assert first.recipe.settings["scheduler"] == scheduler
 
 
 def test_schedulers_differ_from_each_other(engine):
@@ -118,18 +124,122 @@ def test_eight_concurrent_requests_each_equal_the_request_run_alone(engine):
         small(seed=18, scheduler="UniPC", steps=2, num_images=2),
     ]
     alone = [[img.tobytes() for img in engine.generate(r).images] for r in requests]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        together = list(pool.map(engine.generate, requests))
+    start = threading.Barrier(len(requests))  # all eight are submitted at the same moment
+
+    def submit(request):
+        start.wait(timeout=60)
+        return engine.generate(request)
+
+    with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+        together = list(pool.map(submit, requests))
     for request, expected, result in zip(requests, alone, together):
         assert [img.tobytes() for img in result.images] == expected, request
+
+
+class _WatchedLock:
+    """The engine's lock, unchanged, except that it reports each time a thread finds it
+    held by another thread (it then waits exactly as the engine asked)."""
+
+    def __init__(self, lock, on_refused):
+        self._lock = lock
+        self._on_refused = on_refused
+
+    def acquire(self, blocking=True, timeout=-1):
+        if self._lock.acquire(blocking=False):
+            return True
+        self._on_refused()
+        return self._lock.acquire(blocking, timeout) if blocking else False
+
+    def release(self):
+        self._lock.release()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+
+def test_a_second_request_waits_while_the_first_holds_the_model(engine, monkeypatch):
+    first = small(seed=21, loras=(LoraChoice("tiny-ink", 1.0),))
+    second = small(seed=22)
+    expected = {
+        name: engine.generate(r).images[0].tobytes()
+        for name, r in (("first", first), ("second", second))
+    }
+
+    events: list[tuple[str, str]] = []  # (what, which request), in the order they happened
+    events_lock = threading.Lock()
+    first_holds_the_model = threading.Event()
+    second_arrived = threading.Event()  # turned away by the lock, or (without it) inside
+
+    def note(what):
+        who = threading.current_thread().name
+        with events_lock:
+            if (what, who) not in events:  # the lock is polled: each refusal counts once
+                events.append((what, who))
+        if who == "second":
+            second_arrived.set()
+
+    activate, run = engine._activate_loras, engine._run
+
+    def entering(*args, **kwargs):  # the first thing a request does with the model
+        note("enter")
+        if threading.current_thread().name == "first":
+            first_holds_the_model.set()
+            # Hold the model until the second request has either been turned away by the
+            # lock or got in beside us: no sleeping, no timing.
+            assert second_arrived.wait(timeout=60), "the second request never arrived"
+        return activate(*args, **kwargs)
+
+    def leaving(*args, **kwargs):  # the last thing it does with the model
+        try:
+            return run(*args, **kwargs)
+        finally:
+            note("exit")
+
+    monkeypatch.setattr(engine, "_activate_loras", entering)
+    monkeypatch.setattr(engine, "_run", leaving)
+    monkeypatch.setattr(engine, "_lock", _WatchedLock(engine._lock, lambda: note("refused")))
+
+    results, errors = {}, {}
+
+    def serve(name, request):
+        try:
+            results[name] = engine.generate(request)
+        except BaseException as exc:  # re-raised below, in the test's own thread
+            errors[name] = exc
+
+    threads = {
+        name: threading.Thread(target=serve, args=(name, request), name=name, daemon=True)
+        for name, request in (("first", first), ("second", second))
+    }
+    threads["first"].start()
+    assert first_holds_the_model.wait(timeout=60)
+    threads["second"].start()
+    for thread in threads.values():
+        thread.join(timeout=120)
+        assert not thread.is_alive(), f"the {thread.name} request never finished"
+    for exc in errors.values():
+        raise exc
+
+    assert events == [
+        ("enter", "first"),
+        ("refused", "second"),  # the second request reached the lock while it was held
+        ("exit", "first"),
+        ("enter", "second"),  # and got the model only once the first was done with it
+        ("exit", "second"),
+    ]
+    assert {name: r.images[0].tobytes() for name, r in results.items()} == expected
 
 
 BAD_FIELDS = [
     ("steps", 0, "steps=0"),
     ("steps", 10000, "steps=10000"),
-    ("steps", 2.5, "whole number"),
+    ("steps", 2.5, "steps=2.5 is not allowed: an integer from 1 to"),
     ("guidance_scale", math.nan, "guidance_scale=nan"),
-    ("guidance_scale", -1.0, "from 0.0 to 30.0"),
+    ("guidance_scale", -1.0, "a number from 0 to 30"),
     ("width", 100, "multiple of 8 (try 96 or 104)"),
     ("height", 7, "height=7"),
     ("width", 100000, "width=100000"),
@@ -182,6 +292,88 @@ def test_a_local_model_folder_loads_through_from_pretrained(cache_root, engine):
     assert ours == engine.generate(small()).images[0].tobytes()
 
 
-def test_families_registry_has_room_for_sdxl():
-    assert FAMILIES["sdxl"].pipeline_class("text2img").__name__ == "StableDiffusionXLPipeline"
-    assert FAMILIES["sd15"].base_id == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+def test_families_registry_has_room_for_sdxl(tmp_path, monkeypatch):
+    import diffusers
+    import torch
+
+    from pipelines import controls
+    from pipelines.engine import pick_device_and_dtype
+    from pipelines.families import family_from_folder
+    from pipelines.loras import LoraLibrary, load_catalogue
+
+    sdxl = FAMILIES["sdxl"]
+    text2img, with_controlnet = sdxl.pipeline_class("text2img"), sdxl.pipeline_class("controlnet")
+    assert text2img is diffusers.StableDiffusionXLPipeline
+    assert with_controlnet is diffusers.StableDiffusionXLControlNetPipeline
+    # The engine builds each family's ControlNet pipeline from its loaded base (from_pipe):
+    # it must take exactly the base pipeline's components, plus the ControlNet.
+    for family in FAMILIES.values():
+        base_takes = set(inspect.signature(family.pipeline_class("text2img")).parameters)
+        controlnet_takes = set(inspect.signature(family.pipeline_class("controlnet")).parameters)
+        assert controlnet_takes == base_takes | {"controlnet"}, family.name
+
+    # A local folder saved from an SDXL pipeline runs as SDXL, with SDXL's LoRAs and size.
+    folder = tmp_path / "my-sdxl"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": text2img.__name__}))
+    local = family_from_folder(folder)
+    assert (local.architecture, local.compat_tag, local.default_size) == (
+        sdxl.architecture,
+        sdxl.compat_tag,
+        sdxl.default_size,
+    )
+    assert local.pipeline_class("controlnet") is with_controlnet
+
+    # SDXL's size: 1024 square, or a control image's aspect with a long side of 1024.
+    on_sdxl = SimpleNamespace(family=sdxl)  # _output_size reads nothing but the family
+    assert Engine._output_size(on_sdxl, small(width=None, height=None)) == (1024, 1024)
+    house = Image.open(ROOT / "examples" / "house.png")  # 384 x 256
+    unit = ControlUnit(control_type="canny", image=house)
+    sized = small(width=None, height=None, controls=(unit,))
+    assert Engine._output_size(on_sdxl, sized) == (1024, 680)
+    # SDXL's VAE overflows in float16: on CUDA it gets bfloat16, SD 1.5 float16.
+    monkeypatch.delenv("STENCIL_DTYPE", raising=False)
+    assert pick_device_and_dtype(sdxl, "cuda", None) == ("cuda", torch.bfloat16)
+    assert pick_device_and_dtype(FAMILIES["sd15"], "cuda", None) == ("cuda", torch.float16)
+
+    # Every control type has an SDXL ControlNet on the Hub, its own, not SD 1.5's.
+    refs = {}
+    for name, spec in controls.CONTROLS.items():
+        if spec.controlnets is None:
+            continue
+        ref = controls.controlnet_ref(name, sdxl.compat_tag, {})
+        assert "/" in ref and "sdxl" in ref.lower(), (name, ref)
+        assert ref != controls.controlnet_ref(name, FAMILIES["sd15"].compat_tag, {})
+        assert sdxl.locate_component(ref, tmp_path) == ref  # a Hub id, not a local build
+        refs[name] = ref
+    assert len(set(refs.values())) == len(refs) >= 3
+    for map_type in controls.MAP_TYPE.choices:  # a drawn map reads with its type's net
+        drawn = controls.controlnet_ref("image", sdxl.compat_tag, {"map_type": map_type})
+        assert drawn == refs[map_type]
+
+    # A catalogue entry made for SDXL is listed and resolved only when SDXL is loaded.
+    library = tmp_path / "loras"
+    library.mkdir()
+    entry = {
+        "name": "xl-style",
+        "hub": {
+            "repo_id": "someone/xl-style",
+            "weight_name": "xl.safetensors",
+            "revision": "0" * 40,
+        },
+        "base": "sdxl",
+    }
+    (library / "catalog.json").write_text(json.dumps({"version": 1, "loras": [entry]}))
+    for family in ("tiny", "sd15"):
+        loras = LoraLibrary(library, FAMILIES[family].compat_tag, allow_downloads=False)
+        assert loras.names() == [], family
+        with pytest.raises(LoraRejectedError, match="'xl-style' refused: it is made for SDXL;"):
+            loras.resolve("xl-style")
+        with pytest.raises(LoraRejectedError, match="made for SDXL"):
+            loras.parse_lora_string("xl-style:0.8")
+    loras = LoraLibrary(library, sdxl.compat_tag, allow_downloads=False)
+    assert loras.names() == ["xl-style"] and loras.resolve("xl-style").base == "sdxl"
+    # ... and the shipped catalogue names no family that the registry lacks.
+    shipped = {e.base for e in load_catalogue(ROOT / "loras").values()}
+    assert sdxl.compat_tag in shipped
+    assert shipped <= {family.compat_tag for family in FAMILIES.values()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import shutil
 import threading
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image
 
 from pipelines.errors import InvalidRequestError, UnknownNameError
+from pipelines.hub import hub_snapshot
 from pipelines.preprocessors import (
     PREPROCESSORS,
     ParamSpec,
@@ -139,7 +141,7 @@ def test_whole_float_from_a_slider_is_accepted():
 
 @pytest.mark.parametrize("resolution", [32, 5000, 100.5, "512"])
 def test_resolution_is_validated(resolution):
-    with pytest.raises(InvalidRequestError, match="resolution=.*64 to 4096"):
+    with pytest.raises(InvalidRequestError, match="resolution=.*64 to 2048"):
         get_preprocessor("canny")(Image.new("RGB", (64, 64)), resolution=resolution)
 
 
@@ -174,11 +176,88 @@ def test_validate_params_returns_a_new_dict_and_leaves_defaults_alone():
     assert validate_params(specs, {}, owner="canny")["high_threshold"] == 200
 
 
-def test_every_preprocessor_declares_valid_params():
+def _ends(spec) -> tuple:
+    """The lowest and the highest value a declared parameter takes."""
+    if spec.kind == "bool":
+        return False, True
+    if spec.kind == "choice":
+        return spec.choices[0], spec.choices[-1]
+    return spec.minimum, spec.maximum
+
+
+def _just_outside(spec) -> list:
+    """Values one step beyond what a declared parameter takes."""
+    if spec.kind == "bool":
+        return [1, "true"]
+    if spec.kind == "choice":
+        return [f"not-{spec.choices[-1]}"]
+    if spec.kind == "int":
+        return [spec.minimum - 1, spec.maximum + 1]
+    return [math.nextafter(spec.minimum, -math.inf), math.nextafter(spec.maximum, math.inf)]
+
+
+def test_every_preprocessor_declares_valid_params(monkeypatch, tmp_path):
+    assert len({cls.label for cls in PREPROCESSORS.values()}) == len(PREPROCESSORS)
+    image = Image.new("RGB", (64, 64))
+    seen: list[dict] = []  # the parameters each detection was given
+
+    def detect(self, image, params):
+        seen.append(params)
+        return image
+
+    numeric = 0
     for name, cls in PREPROCESSORS.items():
-        assert cls.name == name and cls.label
+        assert cls.name == name
+        assert isinstance(cls.label, str) and cls.label.strip(), name
+        names = [spec.name for spec in cls.params]
+        labels = [spec.label for spec in cls.params]
+        assert len(set(names)) == len(names), name
+        assert all(isinstance(x, str) and x.strip() for x in labels), name
+        assert len(set(labels)) == len(labels), f"{name}: two parameters share a label"
+
         for spec in cls.params:
-            assert spec.validate(spec.default) == spec.default
+            where = f"{name}.{spec.name}"
+            assert spec.kind in ("int", "float", "bool", "choice"), where
+            if spec.kind == "bool":
+                assert isinstance(spec.default, bool), where
+            elif spec.kind == "choice":
+                assert spec.default in spec.choices, where
+            else:  # the page makes a slider of it: both ends must be declared
+                numeric += 1
+                assert spec.minimum is not None and spec.maximum is not None, where
+                assert spec.minimum <= spec.default <= spec.maximum, where
+                if spec.step:  # the slider's grid reaches the default and the maximum
+                    for value in (spec.default, spec.maximum):
+                        steps = (value - spec.minimum) / spec.step
+                        assert math.isclose(steps, round(steps), abs_tol=1e-9), where
+            # An omitted parameter takes the default as declared: it must be canonical.
+            assert type(spec.validate(spec.default)) is type(spec.default), where
+            for value in (spec.default, *_ends(spec)):
+                assert validate_params(cls.params, {spec.name: value}, owner=name) == {
+                    **{other.name: other.default for other in cls.params},
+                    spec.name: value,
+                }, (where, value)
+
+        # The preprocessor itself, with detection replaced: no weights are loaded.
+        monkeypatch.setattr(cls, "_detect", detect)
+        preprocessor = cls(WeightsSource(str(tmp_path), "stand-in")) if cls.needs_weights else cls()
+        defaults = {spec.name: spec.default for spec in cls.params}
+        low = {spec.name: _ends(spec)[0] for spec in cls.params}
+        high = {spec.name: _ends(spec)[1] for spec in cls.params}
+        for given in ({}, defaults, low, high):  # every parameter at the same end at once
+            preprocessor(image, resolution=64, **given)
+            assert seen[-1] == {**defaults, **given}, (name, given)
+        calls = len(seen)
+        for spec in cls.params:
+            for value in _just_outside(spec):
+                with pytest.raises(InvalidRequestError) as caught:
+                    preprocessor(image, resolution=64, **{spec.name: value})
+                assert caught.value.field == spec.name, (name, spec.name, value)
+                message = str(caught.value)
+                assert message.startswith(f"{spec.name}={value!r} is not allowed"), message
+                assert spec.describe() in message
+        assert len(seen) == calls  # refused before anything was detected
+    assert numeric >= 2  # canny's thresholds at least: the bound checks above ran
 
 
 # --------------------------------------------------------------------------- identity
@@ -294,7 +373,7 @@ def test_offline_without_cached_weights_uses_standins(tmp_path, empty_hub_cache,
 
 
 def test_unreachable_hub_uses_standins_without_waiting(monkeypatch, empty_hub_cache, standin_dir):
-    monkeypatch.setattr(weights, "hub_reachable", lambda timeout=2.0: False)
+    monkeypatch.setattr(weights, "hub_reachable", lambda repo_id, timeout=4.0: False)
     source = resolve_weights(
         "depth", offline=False, cache_dir=standin_dir, hub_cache=empty_hub_cache
     )
@@ -303,11 +382,8 @@ def test_unreachable_hub_uses_standins_without_waiting(monkeypatch, empty_hub_ca
 
 def _fake_hub_snapshot(hub_cache: Path, repo: str, files: dict[str, Path]) -> Path:
     """The Hugging Face cache layout, as hf_hub_download leaves it."""
-    repo_dir = hub_cache / ("models--" + repo.replace("/", "--"))
-    snapshot = repo_dir / "snapshots" / ("0" * 40)
+    snapshot = hub_snapshot(hub_cache, repo, "0" * 40)
     snapshot.mkdir(parents=True)
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text("0" * 40)
     for name, source in files.items():
         shutil.copy(source, snapshot / name)
     return snapshot
