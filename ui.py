@@ -1,32 +1,38 @@
 """The Stencil page: Gradio Blocks only.
 
-It talks to the engine through `StencilService` (plain values in and out) and never
-imports torch. The control sections are generated from the control registry, so a new
-control type appears on the page, and in the API, without touching this file.
+It talks to the engine through `StencilService` (plain values in and out). Every component
+that carries a request or control-unit field is generated from the field declarations
+(`service.fields`, see `pipelines/fields.py` and `pipelines/form.py`), and so is the API's
+signature: a field added there appears here, in the API and in the recipe's restore.
+
+Importing this module imports no torch: the engine (built by app.py) brings it.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from pipelines.controls import CONTROLS
 from pipelines.errors import GenerationCancelled, StencilError
-from pipelines.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
-from pipelines.service import NO_CONTROL, RANDOM_SEED, StencilService, UnitFields
-from pipelines.settings import LIMITS
+from pipelines.fields import LORA_WEIGHT, NO_CONTROL, RANDOM_SEED
+from pipelines.form import FormField, suffix
+
+if TYPE_CHECKING:
+    from pipelines.service import StencilService
 
 log = logging.getLogger(__name__)
 
 # Every event that touches the model shares this id, so they run one at a time.
 MODEL_QUEUE = "stencil-model"
-CONTROL_UNITS = 2
 LORA_SLOTS = 3
 EXAMPLES_DIR = Path(__file__).with_name("examples")
+RESULT_OUTPUTS = 5  # images, control maps, seed used, recipe, snippet
 
 try:  # On a ZeroGPU Space, work that needs the GPU runs inside @spaces.GPU.
     import spaces
@@ -85,51 +91,7 @@ class StopTokens:
                 del self._tokens[session]
 
 
-def accepts_fields(function, names):
-    """Declare `names` as keyword parameters defaulting to None on a `**fields` function.
-
-    Gradio reads the signature to name API parameters and to learn which may be left
-    out; the page's fields are generated from the registries, so the signature is too.
-    """
-    import inspect
-
-    head = [
-        p
-        for p in inspect.signature(function).parameters.values()
-        if p.kind is not inspect.Parameter.VAR_KEYWORD
-    ]
-    tail = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in names]
-    function.__signature__ = inspect.Signature(head + tail)
-    return function
-
-
-def suffix(position: int) -> str:
-    return "" if position == 1 else f"_{position}"
-
-
-def param_field(control: str, param: str, position: int) -> str:
-    return f"{control}_{param}{suffix(position)}"
-
-
-def unit_from_fields(fields: dict[str, Any], position: int) -> UnitFields:
-    """Collect one unit's values from the flat field names the page and API use."""
-    s = suffix(position)
-    control_type = fields.get(f"control_type{s}") or NO_CONTROL
-    params = {}
-    if control_type in CONTROLS:
-        for spec in CONTROLS[control_type].params:
-            name = param_field(control_type, spec.name, position)
-            if fields.get(name) is not None:
-                params[spec.name] = fields[name]
-    return UnitFields(
-        control_type=control_type,
-        control_image=fields.get(f"control_image{s}"),
-        conditioning_scale=fields.get(f"conditioning_scale{s}", 1.0),
-        guidance_start=fields.get(f"guidance_start{s}", 0.0),
-        guidance_end=fields.get(f"guidance_end{s}", 1.0),
-        resolution=int(fields.get(f"control_resolution{s}", 512)),
-        params=params,
-    )
+# ---- the one edge ------------------------------------------------------------------------
 
 
 def user_error(exc: Exception) -> gr.Error:
@@ -144,6 +106,45 @@ def user_error(exc: Exception) -> gr.Error:
     )
 
 
+def at_the_edge(function):
+    """Every event handler goes through here: a StencilError becomes the message the user
+    sees, anything else is logged and reported without internals. Handlers parse their
+    fields inside, so no parse error can slip past this."""
+
+    @functools.wraps(function)
+    def handler(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except gr.Error:
+            raise
+        except Exception as exc:
+            raise user_error(exc) from None
+
+    return handler
+
+
+def accepts_fields(function, fields: dict[str, FormField]):
+    """Declare the fields as keyword parameters (with their defaults) of a `**fields` function.
+
+    Gradio reads the signature to name API parameters and to learn which may be left out.
+    """
+    head = [
+        p
+        for p in inspect.signature(function).parameters.values()
+        if p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+    tail = [
+        inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=item.spec.default)
+        for key, item in fields.items()
+    ]
+    function.__signature__ = inspect.Signature(head + tail)
+    return function
+
+
+def session_of(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "anonymous"
+
+
 def status_markdown(status: dict[str, Any]) -> str:
     weights = ", ".join(f"{name}: {kind}" for name, kind in status["preprocessor_weights"].items())
     line = (
@@ -155,42 +156,60 @@ def status_markdown(status: dict[str, Any]) -> str:
     return line
 
 
-def session_of(request: gr.Request | None) -> str:
-    return getattr(request, "session_hash", None) or "anonymous"
+# ---- components from declarations ----------------------------------------------------------
 
 
-def _param_component(spec, label_prefix: str, visible: bool):
-    if spec.kind == "bool":
-        return gr.Checkbox(value=spec.default, label=spec.label, visible=visible)
-    if spec.kind == "choice":
-        return gr.Dropdown(
-            list(spec.choices), value=spec.default, label=spec.label, visible=visible
+def component_for(item: FormField, *, choices=None, visible: bool = True):
+    """The Gradio component a declared field gets: its label, help, bounds and default."""
+    spec = item.spec
+    common = {"label": spec.label, "visible": visible, "elem_id": item.key}
+    if spec.help and spec.kind != "image":  # gr.Image has no help line
+        common["info"] = spec.help
+    widget = spec.page_widget
+    if widget == "slider":
+        return gr.Slider(
+            spec.minimum,
+            spec.maximum,
+            value=spec.default,
+            step=spec.step,
+            precision=0 if spec.kind == "int" else None,
+            **common,
         )
-    return gr.Slider(
-        spec.minimum,
-        spec.maximum,
-        value=spec.default,
-        step=spec.step or (1 if spec.kind == "int" else 0.01),
-        label=spec.label,
-        visible=visible,
-    )
+    if widget == "number":
+        lowest = spec.minimum if spec.unset is None else min(spec.minimum, spec.unset)
+        return gr.Number(
+            value=spec.default,
+            precision=0 if spec.kind == "int" else None,
+            minimum=lowest,
+            maximum=spec.maximum,
+            **common,
+        )
+    if widget == "checkbox":
+        return gr.Checkbox(value=spec.default, **common)
+    if widget == "dropdown":
+        return gr.Dropdown(choices or list(spec.choices), value=spec.default, **common)
+    if widget == "textbox":
+        return gr.Textbox(
+            value=spec.default, lines=spec.lines, max_length=spec.max_length, **common
+        )
+    if widget == "image":
+        return UploadedImage(type="filepath", sources=["upload", "clipboard"], height=260, **common)
+    raise ValueError(f"field {item.key}: no component for widget {widget!r}")
 
 
 class ControlUnitView:
-    """One control unit's components, generated from the control registry."""
+    """One control unit's components, generated from its declared fields and the registry."""
 
-    def __init__(self, position: int):
+    def __init__(self, position: int, fields: list[FormField], control_labels):
         self.position = position
+        self.components: dict[str, Any] = {}
+        self.params_of: dict[str, list[Any]] = {}
+        by_group = _by_group(fields)
         s = suffix(position)
-        choices = [("None", NO_CONTROL)] + [(spec.label, name) for name, spec in CONTROLS.items()]
         with gr.Row():
-            self.image = UploadedImage(
-                label="Control image",
-                type="filepath",
-                sources=["upload", "clipboard"],
-                height=260,
-                elem_id=f"control_image{s}",
-            )
+            for item in by_group.get("unit", []):
+                if item.spec.kind == "image":
+                    self.components[item.key] = component_for(item)
             self.map = gr.Image(
                 label="Control map",
                 type="filepath",
@@ -198,26 +217,20 @@ class ControlUnitView:
                 height=260,
                 elem_id=f"control_map{s}",
             )
-        self.control_type = gr.Dropdown(
-            choices, value=NO_CONTROL, label="Control type", elem_id=f"control_type{s}"
-        )
+        for item in by_group.get("unit", []):
+            if item.spec.kind != "image":
+                self.components[item.key] = component_for(item, choices=control_labels)
+        self.control_type = self.components[f"control_type{s}"]
+        self.image = self.components[f"control_image{s}"]
         self.preview = gr.Button("Preview map", elem_id=f"preview{s}", size="sm")
-        self.params: dict[str, Any] = {}
-        self.params_of: dict[str, list[Any]] = {}
         with gr.Group():
-            for name, spec in CONTROLS.items():
-                self.params_of[name] = []
-                for param in spec.params:
-                    component = _param_component(param, spec.label, visible=False)
-                    self.params[param_field(name, param.name, position)] = component
-                    self.params_of[name].append(component)
+            for item in by_group.get("params", []):
+                component = component_for(item, visible=False)
+                self.components[item.key] = component
+                self.params_of.setdefault(item.control, []).append(component)
         with gr.Accordion("Unit settings", open=False):
-            self.scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Conditioning scale")
-            self.start = gr.Slider(0, 1, value=0.0, step=0.05, label="Guidance start")
-            self.end = gr.Slider(0, 1, value=1.0, step=0.05, label="Guidance end")
-            self.resolution = gr.Slider(
-                64, 2048, value=512, step=64, label="Detection resolution (short side)"
-            )
+            for item in by_group.get("unit-settings", []):
+                self.components[item.key] = component_for(item)
         self.control_type.change(
             self.show_params_for,
             self.control_type,
@@ -233,50 +246,47 @@ class ControlUnitView:
             for _ in group
         ]
 
-    def fields(self) -> dict[str, Any]:
-        s = suffix(self.position)
-        return {
-            f"control_type{s}": self.control_type,
-            f"control_image{s}": self.image,
-            f"conditioning_scale{s}": self.scale,
-            f"guidance_start{s}": self.start,
-            f"guidance_end{s}": self.end,
-            f"control_resolution{s}": self.resolution,
-            **self.params,
-        }
+
+def _by_group(fields: list[FormField]) -> dict[str, list[FormField]]:
+    groups: dict[str, list[FormField]] = {}
+    for item in fields:
+        groups.setdefault(item.spec.group, []).append(item)
+    return groups
+
+
+def _rows_of_two(fields: list[FormField], components: dict[str, Any]) -> None:
+    for start in range(0, len(fields), 2):
+        with gr.Row():
+            for item in fields[start : start + 2]:
+                components[item.key] = component_for(item)
+
+
+# ---- the page --------------------------------------------------------------------------
 
 
 def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
     stops = StopTokens()
     status = service.status()
+    fields = {item.key: item for item in service.fields}
+    control_labels = [("None", NO_CONTROL)] + [
+        (spec.label, name) for name, spec in _control_specs().items()
+    ]
 
-    def generate(request: gr.Request, progress=gr.Progress(), **fields):
+    @at_the_edge
+    def generate(request: gr.Request, progress=gr.Progress(), **values):
         session = session_of(request)
         token = stops.start(session)
-        progress(0, desc="waiting for the model")
-        units = tuple(unit_from_fields(fields, p) for p in range(1, CONTROL_UNITS + 1))
         try:
+            progress(0, desc="waiting for the model")
             outcome = service.generate(
-                fields.get("prompt"),
-                negative_prompt=fields.get("negative_prompt") or "",
-                seed=fields.get("seed", RANDOM_SEED),
-                steps=fields.get("steps", 20),
-                guidance_scale=fields.get("guidance_scale", 7.0),
-                width=fields.get("width", 0),
-                height=fields.get("height", 0),
-                scheduler=fields.get("scheduler", DEFAULT_SCHEDULER),
-                num_images=fields.get("num_images", 1),
-                units=units,
-                loras=fields.get("loras") or "",
+                values,
                 session_id=session,
                 progress=lambda done, total, stage: progress((done, total), desc=stage),
                 cancel=token,
             )
         except GenerationCancelled as exc:
             gr.Warning(f"Stopped: {exc}")
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        except Exception as exc:
-            raise user_error(exc) from None
+            return (gr.skip(),) * RESULT_OUTPUTS
         finally:
             stops.finish(session, token)
         for warning in outcome.warnings:
@@ -285,24 +295,22 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
             list(outcome.image_paths),
             list(outcome.map_paths),
             outcome.seeds[0],
-            outcome.recipe,
+            outcome.recipe.to_dict(),
             service.python_snippet(outcome.recipe),
         )
 
-    def estimate(request: gr.Request = None, progress=None, **fields) -> int:
-        return service.estimate_gpu_seconds(
-            steps=int(fields.get("steps") or 20),
-            width=int(fields.get("width") or 0),
-            height=int(fields.get("height") or 0),
-            num_images=int(fields.get("num_images") or 1),
-            controls=sum(unit_from_fields(fields, p).active for p in range(1, CONTROL_UNITS + 1)),
-        )
+    def estimate(request: gr.Request = None, progress=None, **values) -> int:
+        return service.estimate_gpu_seconds(values)
 
-    def preview_control(**fields):
-        try:
-            return service.preview_control(unit_from_fields(fields, 1))
-        except Exception as exc:
-            raise user_error(exc) from None
+    @at_the_edge
+    def preview_control(**values):
+        return service.preview_control(values)
+
+    @at_the_edge
+    def restore_recipe(path):
+        if not path:
+            raise StencilError("drop a Stencil PNG to restore its settings")
+        return service.restore(path)
 
     def list_loras(request: gr.Request):
         return service.list_loras(session_of(request))
@@ -313,28 +321,28 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
     lora_choices = [("None", "")] + [
         (entry["display_name"], entry["name"]) for entry in service.list_loras()
     ]
+    request_fields = [item for item in service.fields if item.unit is None]
+    groups = _by_group(request_fields)
+    components: dict[str, Any] = {}
 
     with gr.Blocks(title="Stencil", analytics_enabled=False) as demo:
         gr.Markdown("# Stencil\nPrompt, control maps and LoRAs on one shared model.")
         gr.Markdown(status_markdown(status), elem_id="status")
         with gr.Row():
             with gr.Column(scale=5):
-                prompt = gr.Textbox(
-                    value="",
-                    label="Prompt",
-                    lines=2,
-                    max_length=LIMITS.max_prompt_chars,
-                    elem_id="prompt",
-                )
-                negative = gr.Textbox(value="", label="Negative prompt", lines=1)
+                for item in groups["prompt"]:
+                    components[item.key] = component_for(item)
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                     halt = gr.Button("Stop", variant="stop", elem_id="stop")
                 units = []
                 with gr.Tabs():
-                    for position in range(1, CONTROL_UNITS + 1):
+                    for position in sorted({f.unit for f in service.fields if f.unit}):
                         with gr.Tab(f"Control {position}"):
-                            units.append(ControlUnitView(position))
+                            unit_fields = [f for f in service.fields if f.unit == position]
+                            unit = ControlUnitView(position, unit_fields, control_labels)
+                            components.update(unit.components)
+                            units.append(unit)
                     with gr.Tab("LoRAs"):
                         slots = []
                         for index in range(LORA_SLOTS):
@@ -345,47 +353,29 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
                                     label=f"LoRA {index + 1}",
                                     elem_id=f"lora_{index + 1}",
                                 )
-                                weight = gr.Slider(-2, 2, value=0.8, step=0.05, label="Weight")
+                                weight = gr.Slider(
+                                    LORA_WEIGHT.minimum,
+                                    LORA_WEIGHT.maximum,
+                                    value=LORA_WEIGHT.default,
+                                    step=LORA_WEIGHT.step,
+                                    label=LORA_WEIGHT.label,
+                                    info=LORA_WEIGHT.help,
+                                )
                             slots.append((name, weight))
                         triggers = gr.Markdown()
                         add_triggers = gr.Button("Add trigger words to the prompt", size="sm")
-                        loras = gr.Textbox(
-                            value="",
-                            label="LoRAs as text (name:weight, ...); <lora:name:0.8> tags in "
-                            "the prompt work too",
-                            elem_id="loras",
-                        )
+                        for item in groups["loras"]:
+                            components[item.key] = component_for(item)
                         lora_file = gr.File(
                             label="Upload a LoRA (.safetensors)",
                             file_types=[".safetensors"],
                             type="filepath",
                         )
                 with gr.Accordion("Advanced", open=False):
+                    _rows_of_two(groups["advanced"], components)
                     with gr.Row():
-                        steps = gr.Slider(1, LIMITS.max_steps, value=20, step=1, label="Steps")
-                        guidance = gr.Slider(
-                            0, LIMITS.max_guidance, value=7.0, step=0.5, label="Guidance scale"
-                        )
-                    scheduler = gr.Dropdown(
-                        list(SCHEDULERS), value=DEFAULT_SCHEDULER, label="Scheduler"
-                    )
-                    with gr.Row():
-                        width = gr.Slider(
-                            0, LIMITS.max_side, value=0, step=8, label="Width (0 = auto)"
-                        )
-                        height = gr.Slider(
-                            0, LIMITS.max_side, value=0, step=8, label="Height (0 = auto)"
-                        )
-                    with gr.Row():
-                        seed = gr.Number(
-                            value=RANDOM_SEED,
-                            precision=0,
-                            label="Seed (-1 = random)",
-                            elem_id="seed",
-                        )
-                        randomize = gr.Button("🎲 Random", size="sm")
-                        reuse = gr.Button("♻️ Reuse last", size="sm")
-                    count = gr.Slider(1, LIMITS.max_images, value=1, step=1, label="Images")
+                        randomize = gr.Button("🎲 Random seed", size="sm")
+                        reuse = gr.Button("♻️ Reuse last seed", size="sm")
                 recipe_drop = gr.File(
                     label="Drop a Stencil PNG here to restore its settings",
                     file_types=[".png"],
@@ -413,22 +403,8 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
                     recipe = gr.JSON(label="Recipe (also stored inside every PNG)")
                     snippet = gr.Code(label="Copy as Python (plain diffusers)", language="python")
 
-        inputs = {
-            "prompt": prompt,
-            "negative_prompt": negative,
-            "seed": seed,
-            "steps": steps,
-            "guidance_scale": guidance,
-            "width": width,
-            "height": height,
-            "scheduler": scheduler,
-            "num_images": count,
-            "loras": loras,
-        }
-        for unit in units:
-            inputs.update(unit.fields())
-
-        accepts_fields(generate, inputs)
+        inputs = {key: components[key] for key in fields}
+        accepts_fields(generate, fields)
         run.click(
             on_gpu(generate, estimate),
             inputs_kwargs=inputs,
@@ -438,82 +414,91 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
             concurrency_limit=1,
         )
         halt.click(stop, None, None, queue=False, api_visibility="private")
+        seed = components["seed"]
         randomize.click(lambda: RANDOM_SEED, None, seed, queue=False, api_visibility="private")
         reuse.click(lambda last: last, used_seed, seed, queue=False, api_visibility="private")
 
-        first = units[0]
-        preview_inputs = {
-            k: v
-            for k, v in first.fields().items()
-            if not k.startswith(("conditioning_scale", "guidance_"))
-        }
-        accepts_fields(preview_control, preview_inputs)
-        first.preview.click(
-            preview_control,
-            inputs_kwargs=preview_inputs,
-            outputs=first.map,
-            api_name="preview_control",
-            concurrency_id=MODEL_QUEUE,
-        )
-        for unit in units[1:]:
-            unit_inputs = {
-                k.removesuffix(suffix(unit.position)): v
-                for k, v in unit.fields().items()
-                if not k.startswith(("conditioning_scale", "guidance_"))
-            }
-            unit.preview.click(
-                preview_control,
-                inputs_kwargs=unit_inputs,
-                outputs=unit.map,
-                concurrency_id=MODEL_QUEUE,
-                api_visibility="private",
-            )
+        _wire_previews(units, fields, components, preview_control)
 
         hidden = gr.JSON(visible=False)
         gr.Button(visible=False).click(list_loras, None, hidden, api_name="list_loras", queue=True)
+        recipe_file = gr.File(visible=False, file_types=[".png"], type="filepath")
+        gr.Button(visible=False).click(
+            restore_recipe, recipe_file, gr.JSON(visible=False), api_name="restore_recipe"
+        )
 
-        _wire_loras(service, slots, loras, triggers, add_triggers, prompt, lora_file)
-        _wire_recipe_drop(service, recipe_drop, inputs)
-        _examples(prompt, units[0])
+        extra_loras = gr.State("")
+        _wire_loras(service, slots, extra_loras, components["loras"], triggers, add_triggers,
+                    components["prompt"], lora_file)  # fmt: skip
+        _wire_recipe_drop(restore_recipe, recipe_drop, inputs, slots, extra_loras, lora_choices)
+        _examples(components["prompt"], units[0])
 
     # api_open=False: direct HTTP calls must go through the queue like the page does.
     demo.queue(max_size=queue_size, api_open=False, default_concurrency_limit=1)
     return demo
 
 
-def _wire_loras(service, slots, loras, triggers, add_triggers, prompt, lora_file):
-    def compose(*values):
+def _control_specs():
+    from pipelines.controls import CONTROLS
+
+    return CONTROLS
+
+
+def _preview_keys(fields: dict[str, FormField], position: int) -> list[str]:
+    """A unit's fields that shape its map: the type, the image, the detection resolution
+    and the preprocessor's parameters (not its strength or window)."""
+    shaping = {"control_type", "control_image", "control_resolution"}
+    return [
+        key
+        for key, item in fields.items()
+        if item.unit == position and (item.is_param or item.declared.name in shaping)
+    ]
+
+
+def _wire_previews(units, fields, components, preview_control) -> None:
+    for unit in units:
+        keys = _preview_keys(fields, unit.position)
+        # The API's /preview_control takes the first unit's names; unit 2 maps onto them.
+        as_first = {key.removesuffix(suffix(unit.position)): components[key] for key in keys}
+        if unit.position == 1:
+            accepts_fields(preview_control, {key: fields[key] for key in keys})
+        unit.preview.click(
+            preview_control,
+            inputs_kwargs=as_first,
+            outputs=unit.map,
+            api_name="preview_control" if unit.position == 1 else None,
+            api_visibility="public" if unit.position == 1 else "private",
+            concurrency_id=MODEL_QUEUE,
+        )
+
+
+def _wire_loras(service, slots, extra_loras, loras, triggers, add_triggers, prompt, lora_file):
+    """The slots compose the LoRA text; LoRAs a restored recipe had beyond the slots (kept in
+    `extra_loras`) stay in it when a slot changes."""
+
+    def compose(extras: str, *values):
         pairs = zip(values[0::2], values[1::2])
-        return ", ".join(f"{name}:{weight:g}" for name, weight in pairs if name)
+        chosen = [f"{name}:{weight:g}" for name, weight in pairs if name]
+        return ", ".join(filter(None, [*chosen, extras]))
+
+    def words_for(request: gr.Request, values) -> list[str]:
+        by_name = {e["name"]: e for e in service.list_loras(session_of(request))}
+        names = [name for name in values[0::2] if name]
+        return [w for name in names for w in by_name.get(name, {}).get("trigger_words", [])]
 
     def trigger_words(request: gr.Request, *values):
-        by_name = {e["name"]: e for e in service.list_loras(session_of(request))}
-        words = [
-            w
-            for name in values[0::2]
-            if name
-            for w in by_name.get(name, {}).get("trigger_words", [])
-        ]
+        words = words_for(request, values)
         return ("**Trigger words:** " + ", ".join(words)) if words else ""
 
     def add_words(request: gr.Request, text: str, *values):
-        by_name = {e["name"]: e for e in service.list_loras(session_of(request))}
-        words = [
-            w
-            for name in values[0::2]
-            if name
-            for w in by_name.get(name, {}).get("trigger_words", [])
-        ]
-        missing = [w for w in words if w.lower() not in (text or "").lower()]
+        missing = [w for w in words_for(request, values) if w.lower() not in (text or "").lower()]
         return ", ".join(filter(None, [text.strip(), *missing]))
 
+    @at_the_edge
     def upload(path, request: gr.Request):
         if not path:
             return [gr.skip()] * len(slots)
-        try:
-            entry = service.add_lora_upload(path, session_of(request))
-        except Exception as exc:
-            raise user_error(exc) from None
+        entry = service.add_lora_upload(path, session_of(request))
         gr.Info(f"LoRA {entry['display_name']!r} added for this session as {entry['name']!r}")
         choices = [("None", "")] + [
             (e["display_name"], e["name"]) for e in service.list_loras(session_of(request))
@@ -522,55 +507,44 @@ def _wire_loras(service, slots, loras, triggers, add_triggers, prompt, lora_file
 
     flat = [component for slot in slots for component in slot]
     for component in flat:
-        component.change(compose, flat, loras, queue=False, api_visibility="private")
+        component.input(compose, [extra_loras, *flat], loras, queue=False, api_visibility="private")
         component.change(trigger_words, flat, triggers, queue=False, api_visibility="private")
     add_triggers.click(add_words, [prompt, *flat], prompt, queue=False, api_visibility="private")
     lora_file.upload(upload, lora_file, [slot[0] for slot in slots], api_visibility="private")
 
 
-def _wire_recipe_drop(service, recipe_drop, inputs):
-    """Restore every setting a Stencil PNG carries (the control images are not stored)."""
-    restorable = [
-        "prompt",
-        "negative_prompt",
-        "seed",
-        "steps",
-        "guidance_scale",
-        "width",
-        "height",
-        "scheduler",
-        "num_images",
-        "loras",
-    ]
-    unit_keys = ["control_type", "conditioning_scale", "guidance_start", "guidance_end"]
+def _wire_recipe_drop(restore_recipe, recipe_drop, inputs, slots, extra_loras, lora_choices):
+    """Restore every recorded setting of a Stencil PNG (control images are not stored)."""
+    restorable = [key for key, component in inputs.items() if not isinstance(component, gr.Image)]
+    slot_names = {value for _, value in lora_choices if value}
 
     def restore(path):
         if not path:
-            return [gr.skip()] * (len(restorable) + 2 * len(unit_keys))
-        try:
-            recipe = service.read_recipe(path)
-        except Exception as exc:
-            raise user_error(exc) from None
-        values = {key: recipe.get(key) for key in restorable}
-        values["loras"] = ", ".join(f"{x['name']}:{x['weight']:g}" for x in recipe["loras"])
-        updates = [gr.update(value=values[key]) for key in restorable]
-        controls = recipe.get("controls") or []
-        for position in range(1, CONTROL_UNITS + 1):
-            unit = controls[position - 1] if position <= len(controls) else None
-            for key in unit_keys:
-                if unit is None:
-                    updates.append(
-                        gr.update(value=NO_CONTROL) if key == "control_type" else gr.skip()
-                    )
-                else:
-                    updates.append(gr.update(value=unit[key]))
-        gr.Info("Settings restored from the image's recipe; upload the control image again.")
+            return [gr.skip()] * (len(restorable) + 2 * len(slots) + 1)
+        values = restore_recipe(path)
+        updates = [gr.update(value=values[k]) if k in values else gr.skip() for k in restorable]
+        pairs = _lora_pairs(values.get("loras", ""))
+        in_slots = [pair for pair in pairs if pair[0] in slot_names][: len(slots)]
+        extras = [f"{name}:{weight:g}" for name, weight in pairs if (name, weight) not in in_slots]
+        for index in range(len(slots)):
+            name, weight = in_slots[index] if index < len(in_slots) else ("", LORA_WEIGHT.default)
+            updates += [gr.update(value=name), gr.update(value=weight)]
+        updates.append(", ".join(extras))
+        gr.Info("Settings restored from the image's recipe; upload the control images again.")
         return updates
 
     outputs = [inputs[key] for key in restorable]
-    for position in range(1, CONTROL_UNITS + 1):
-        outputs += [inputs[f"{key}{suffix(position)}"] for key in unit_keys]
+    outputs += [component for slot in slots for component in slot] + [extra_loras]
     recipe_drop.upload(restore, recipe_drop, outputs, api_visibility="private")
+
+
+def _lora_pairs(text: str) -> list[tuple[str, float]]:
+    """`name:weight, ...` as written by a recipe's restore (always with weights)."""
+    pairs = []
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        name, _, weight = part.rpartition(":")
+        pairs.append((name, float(weight)))
+    return pairs
 
 
 def _examples(prompt, unit: ControlUnitView):

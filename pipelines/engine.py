@@ -23,21 +23,23 @@ from typing import Any
 from .controlnets import WindowedMultiControlNet
 from .errors import GenerationCancelled, ImageError, InvalidRequestError, ModelLoadError
 from .families import (
+    ARCHITECTURES,
     DEFAULT_FAMILY,
     FAMILIES,
     ModelFamily,
-    cached_locally,
-    cached_revision,
-    hub_reachable,
     resolve_family,
 )
+from .fields import REQUEST_FIELDS, unit_fields
+from .hub import cached_locally, cached_revision, hub_reachable
+from .recipe import Recipe
 from .requests import GenerationRequest, GenerationResult, ProgressCallback
 from .schedulers import get_scheduler_spec
-from .settings import cache_dir
+from .settings import cache_dir, env_choice, env_text
 
 log = logging.getLogger(__name__)
 
 AUTO_MODEL = "auto"
+DTYPES = ("float32", "float16", "bfloat16")
 OFFLINE_NOTICE = (
     "Offline: no network and no cached {label}, so Stencil runs its built-in tiny model "
     "with random weights. Every feature works, but images are test patterns, not pictures."
@@ -67,6 +69,7 @@ class EngineStatus:
     dtype: str
     offline: bool
     notice: str | None
+    preprocessor_weights: dict[str, str]
 
 
 def pick_device_and_dtype(family: ModelFamily, device: str | None, dtype: str | None):
@@ -75,19 +78,17 @@ def pick_device_and_dtype(family: ModelFamily, device: str | None, dtype: str | 
     import torch
 
     device = (
-        device
-        or os.environ.get("STENCIL_DEVICE")
-        or ("cuda" if torch.cuda.is_available() else "cpu")
+        device or env_text("STENCIL_DEVICE", "") or ("cuda" if torch.cuda.is_available() else "cpu")
     )
-    dtype = dtype or os.environ.get("STENCIL_DTYPE")
+    dtype = dtype or env_choice("STENCIL_DTYPE", DTYPES)
     if dtype is None:
         if device.startswith("cuda"):
             # SDXL's VAE overflows in float16; bfloat16 has float32's range.
             dtype = "bfloat16" if family.architecture == "sdxl" else "float16"
         else:
             dtype = "float32" if family.is_local_build else "bfloat16"
-    if dtype not in {"float32", "float16", "bfloat16"}:
-        raise InvalidRequestError("dtype", dtype, "must be float32, float16 or bfloat16")
+    if dtype not in DTYPES:
+        raise InvalidRequestError("dtype", dtype, "must be " + " or ".join(DTYPES))
     return device, getattr(torch, dtype)
 
 
@@ -116,6 +117,9 @@ class Engine:
         self._map_cache_size = map_cache_size
         self._map_cache_lock = threading.Lock()
         self.base, self.base_revision = self._load_base()
+        # Weights for every preprocessor are found (or stand-ins built) now, at start-up,
+        # so that building the page or reporting status never downloads or writes.
+        self.preprocessor_weights_by_control = self._resolve_preprocessors()
         self.loras = self._open_lora_library(lora_folder, lora_hotswap_rank)
         if compile_unet:
             self._compile_unet()
@@ -145,7 +149,7 @@ class Engine:
         options: dict[str, Any] = {"torch_dtype": self.dtype, "use_safetensors": True}
         if self.family.fp16_variant and self.dtype != _torch().float32:
             options["variant"] = "fp16"
-        if pipeline_class.__name__ == "StableDiffusionPipeline":
+        if ARCHITECTURES[self.family.architecture].get("safety_checker"):
             options.update(safety_checker=None, requires_safety_checker=False)
         try:
             pipe = pipeline_class.from_pretrained(source, **options)
@@ -174,7 +178,7 @@ class Engine:
         or every new adapter triggers a recompilation."""
         import torch
 
-        if self.loras is not None and self.loras.hotswap_rank is None:
+        if self.loras is not None and not self.loras.keeps_compiled_graph:
             log.warning("compiling without LoRA hotswap: each new adapter will recompile")
         self.base.unet = torch.compile(self.base.unet, fullgraph=False)
 
@@ -199,6 +203,14 @@ class Engine:
                 self._controlnet_revisions[ref] = cached_revision(source, "config.json")
             return self._controlnets[ref]
 
+    def _resolve_preprocessors(self) -> dict[str, str]:
+        from . import controls
+
+        return {
+            name: controls.preprocessor_weights(name, device=self.device)
+            for name in controls.CONTROLS
+        }
+
     @property
     def status(self) -> EngineStatus:
         return EngineStatus(
@@ -209,7 +221,20 @@ class Engine:
             dtype=str(self.dtype).removeprefix("torch."),
             offline=self.notice is not None,
             notice=self.notice,
+            preprocessor_weights=dict(self.preprocessor_weights_by_control),
         )
+
+    @property
+    def model_facts(self) -> dict[str, int]:
+        """What the loaded model can take, for fields bounded by it (`Field.model_limit`)."""
+        return {"text_encoder_layers": self.base.text_encoder.config.num_hidden_layers}
+
+    def check_against_model(self, request: GenerationRequest) -> None:
+        """Fields whose bounds depend on the loaded model (CLIP skip and its depth)."""
+        facts = self.model_facts
+        for spec in REQUEST_FIELDS:
+            if spec.model_limit is not None:
+                spec.narrowed(facts).validate(getattr(request, spec.attribute))
 
     # ---- control maps ----------------------------------------------------------------
 
@@ -245,6 +270,7 @@ class Engine:
         """Run one request. Raises StencilError subclasses for anything the user can fix."""
         started = time.perf_counter()
         cancel = cancel or CancelToken()
+        self.check_against_model(request)
         seed = request.seed if request.seed is not None else _random_seed()
         seeds = tuple(seed + index for index in range(request.num_images))
         prompt, loras = self._split_lora_tags(request)
@@ -255,7 +281,8 @@ class Engine:
             applied_loras = self._activate_loras(loras, request.session_id)
             pipe = self._compose(request, maps)
             images = self._run(pipe, request, prompt, seeds, width, height, maps, progress, cancel)
-        recipe = self._recipe(request, prompt, seed, width, height, applied_loras)
+        resolved = {"prompt": prompt, "seed": seed, "width": width, "height": height}
+        recipe = self._recipe(request, resolved, applied_loras)
         return GenerationResult(
             images=tuple(images),
             seeds=seeds,
@@ -355,37 +382,24 @@ class Engine:
 
         # One CPU generator per image: image i is reproducible alone with seed + i.
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-        options: dict[str, Any] = dict(
+        options = pipeline_arguments(request, maps)
+        options.update(
             prompt=prompt,
-            negative_prompt=request.negative_prompt or None,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance_scale,
             width=width,
             height=height,
             num_images_per_prompt=request.num_images,
             generator=generators,
             callback_on_step_end=on_step_end,
         )
-        if maps:
-            units = request.controls
-            options.update(
-                image=list(maps),
-                controlnet_conditioning_scale=[float(u.conditioning_scale) for u in units],
-                control_guidance_start=[float(u.guidance_start) for u in units],
-                control_guidance_end=[float(u.guidance_end) for u in units],
-            )
-        with torch.inference_mode():
+        with torch.inference_mode(), _clip_skip_reachable(pipe, options.get("clip_skip")):
             return pipe(**options).images
 
-    def _recipe(self, request, prompt, seed, width, height, applied_loras) -> dict[str, Any]:
+    def _recipe(self, request, resolved, applied_loras) -> Recipe:
         from .recipe import build_recipe
 
         return build_recipe(
             request=request,
-            prompt=prompt,
-            seed=seed,
-            width=width,
-            height=height,
+            resolved=resolved,
             family=self.family,
             base_revision=self.base_revision,
             loras=applied_loras,
@@ -397,9 +411,25 @@ class Engine:
         )
 
     def preprocessor_weights(self, unit) -> str:
-        from . import controls
+        return self.preprocessor_weights_by_control[unit.control_type]
 
-        return controls.preprocessor_weights(unit.control_type, device=self.device)
+
+def pipeline_arguments(request: GenerationRequest, maps) -> dict[str, Any]:
+    """The pipeline keywords that come straight from declared fields (`Field.pipeline_arg`):
+    steps, guidance, negative prompt, CLIP skip, and per unit its scale and window."""
+    options = {
+        spec.pipeline_arg: spec.pipeline_value(getattr(request, spec.attribute))
+        for spec in REQUEST_FIELDS
+        if spec.pipeline_arg
+    }
+    if maps:
+        options["image"] = list(maps)
+        for spec in unit_fields():
+            if spec.pipeline_arg:
+                options[spec.pipeline_arg] = [
+                    spec.pipeline_value(getattr(unit, spec.attribute)) for unit in request.controls
+                ]
+    return options
 
 
 MAX_ASPECT = 4.0
@@ -419,6 +449,27 @@ def size_like(width: int, height: int, *, long_side: int, multiple: int = 8) -> 
     return tuple(
         max(multiple, round(side * scale / multiple) * multiple) for side in (width, height)
     )
+
+
+@contextmanager
+def _clip_skip_reachable(pipe, clip_skip: int | None):
+    """diffusers' `clip_skip` applies `text_encoder.text_model.final_layer_norm`, but
+    transformers 5 flattened CLIPTextModel: its final norm sits on the model itself. For the
+    call only (under the engine's lock), an unregistered alias (no submodule, no state-dict
+    entry) lets that code path run; it is removed after, because LoRA key mapping asks
+    whether `text_model` exists."""
+    aliased = []
+    if clip_skip is not None:
+        for name in ("text_encoder", "text_encoder_2"):
+            encoder = getattr(pipe, name, None)
+            if encoder is not None and not hasattr(encoder, "text_model"):
+                object.__setattr__(encoder, "text_model", encoder)
+                aliased.append(encoder)
+    try:
+        yield
+    finally:
+        for encoder in aliased:
+            object.__delattr__(encoder, "text_model")
 
 
 @contextmanager

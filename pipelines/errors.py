@@ -54,6 +54,12 @@ class LoraRejectedError(StencilError, ValueError):
         super().__init__(f"LoRA {name!r} refused: {reason}")
 
 
+class SettingsError(ValueError):
+    """An environment variable or command-line option Stencil cannot start with (the
+    operator's to fix, reported at start-up; lives here because reading the settings is
+    what raises it)."""
+
+
 class GenerationCancelled(StencilError):
     """The request was stopped by its owner; no image is produced."""
 

@@ -16,25 +16,12 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from exc
-    if value < 1:
-        raise ValueError(f"environment variable {name}={raw!r} must be positive")
-    return value
-
+from .settings import LIMITS
 
 # Checked against the header, before any pixel is decoded: a few KB of PNG can declare
 # 30000x30000 pixels and would take gigabytes to decode.
-MAX_IMAGE_PIXELS: int = _env_int("STENCIL_MAX_IMAGE_PIXELS", 40_000_000)
-MAX_UPLOAD_BYTES: int = _env_int("STENCIL_MAX_UPLOAD_BYTES", 20 * 1024 * 1024)
+MAX_IMAGE_PIXELS: int = LIMITS.max_image_pixels
+MAX_UPLOAD_BYTES: int = LIMITS.max_upload_bytes
 
 # Formats we hand to PIL. Everything else is refused by name; PIL's long tail of decoders
 # (PSD, EPS via Ghostscript, FITS, ...) is attack surface we do not need.

@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from typing import Any
 
+from .errors import StencilError
+
 RECIPE_KEY = "stencil-recipe"
-RECIPE_VERSION = 1
+# 2: model.architecture recorded. Version 1 recipes are migrated on read. (A new field
+# needs no new version: a recipe without it is read with the field's default.)
+RECIPE_VERSION = 2
 _LIBRARIES = ("torch", "diffusers", "transformers", "peft", "controlnet-aux")
+_SECTIONS = ("stencil_recipe", "model", "controls", "loras", "versions")
+
+
+class RecipeError(StencilError, ValueError):
+    """A recipe Stencil cannot read: malformed, or from a version it does not know."""
 
 
 def library_versions() -> dict[str, str]:
@@ -26,83 +37,187 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """Everything needed to make an image again.
+
+    `settings` holds the request's recorded fields by their recipe keys (prompt, seed,
+    steps, ...: see `pipelines.fields`), with the values the engine resolved (the seed and
+    size it used, the prompt without its LoRA tags). `controls` has one mapping per unit
+    (its recorded fields, `params`, and the ControlNet and preprocessor weights it ran);
+    `loras` the applied set with file hashes. The JSON form is one flat object.
+    """
+
+    settings: Mapping[str, Any]
+    model: Mapping[str, Any]
+    controls: tuple[Mapping[str, Any], ...] = ()
+    loras: tuple[Mapping[str, Any], ...] = ()
+    versions: Mapping[str, str] = field(default_factory=dict)
+    version: int = RECIPE_VERSION
+
+    def for_image(self, seed: int) -> Recipe:
+        """The recipe of one image of a batch: its own seed, made alone."""
+        return replace(self, settings={**self.settings, "seed": seed, "num_images": 1})
+
+    def lora_text(self) -> str:
+        """The applied set as the LoRA field writes it: `name:weight, ...`."""
+        return ", ".join(f"{x['name']}:{x['weight']:g}" for x in self.loras)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stencil_recipe": self.version,
+            **self.settings,
+            "model": dict(self.model),
+            "controls": [dict(unit) for unit in self.controls],
+            "loras": [dict(lora) for lora in self.loras],
+            "versions": dict(self.versions),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
+        """Read a recipe of this version, or migrate an older one; refuse a newer one."""
+        if not isinstance(data, Mapping) or "stencil_recipe" not in data:
+            raise RecipeError("this is not a Stencil recipe")
+        version = data["stencil_recipe"]
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise RecipeError(f"recipe version {version!r} is not a version number")
+        if version > RECIPE_VERSION:
+            raise RecipeError(
+                f"the recipe was written by a newer Stencil (recipe version {version}; this"
+                f" one reads versions 1 to {RECIPE_VERSION}): update Stencil to restore it"
+            )
+        data = dict(data)
+        for migrate in _MIGRATIONS[version - 1 :]:
+            data = migrate(data)
+        data = _with_declared_defaults(data)
+        try:
+            return cls(
+                settings={k: v for k, v in data.items() if k not in _SECTIONS},
+                model=dict(data["model"]),
+                controls=tuple(dict(unit) for unit in data.get("controls") or ()),
+                loras=tuple(dict(lora) for lora in data.get("loras") or ()),
+                versions=dict(data.get("versions") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RecipeError(f"the recipe is damaged ({type(exc).__name__}: {exc})") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> Recipe:
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise RecipeError("the recipe is not valid JSON") from None
+        return cls.from_dict(data)
+
+
+def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 did not record the model's architecture (it only ran SD-shaped ones)."""
+    model = dict(data.get("model") or {})
+    family = str(model.get("family", ""))
+    model.setdefault("architecture", "sdxl" if family.startswith("sdxl") else "sd")
+    return {**data, "model": model}
+
+
+def _with_declared_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """Fields added after a recipe was written take their defaults, which by the rule of
+    `pipelines.fields` are what Stencil did before the field existed."""
+    from .fields import REQUEST_FIELDS, unit_fields
+
+    settings = {s.recipe: s.parse(s.default) for s in REQUEST_FIELDS if s.recipe}
+    units = {s.recipe: s.parse(s.default) for s in unit_fields() if s.recipe}
+    controls = [{**units, **unit} for unit in data.get("controls") or ()]
+    return {**settings, **data, "controls": controls}
+
+
+# _MIGRATIONS[i] turns a version i+1 recipe into version i+2.
+_MIGRATIONS = (_from_version_1,)
+
+
 def build_recipe(
     *,
     request,
-    prompt,
-    seed,
-    width,
-    height,
+    resolved: Mapping[str, Any],
     family,
     base_revision=None,
     loras,
     controlnets,
     preprocessor_weights,
-) -> dict:
-    """`controlnets`: (reference, resolved Hub commit or None) per control unit."""
-    return {
-        "stencil_recipe": RECIPE_VERSION,
-        "prompt": prompt,
-        "negative_prompt": request.negative_prompt,
-        "seed": seed,
-        "steps": request.steps,
-        "guidance_scale": request.guidance_scale,
-        "scheduler": request.scheduler,
-        "width": width,
-        "height": height,
-        "num_images": request.num_images,
-        "model": {"family": family.name, "base": family.base_id, "revision": base_revision},
-        "controls": [
-            {
-                "control_type": unit.control_type,
-                "controlnet": controlnet,
-                "controlnet_revision": controlnet_revision,
-                "preprocessor_weights": weights,
-                "conditioning_scale": unit.conditioning_scale,
-                "guidance_start": unit.guidance_start,
-                "guidance_end": unit.guidance_end,
-                "resolution": unit.resolution,
-                "params": unit.param_dict,
-            }
-            for unit, (controlnet, controlnet_revision), weights in zip(
-                request.controls, controlnets, preprocessor_weights
-            )
-        ],
-        "loras": list(loras),
-        "versions": library_versions(),
+) -> Recipe:
+    """The recipe of `request` as run. `resolved`: the values the engine chose (seed, width,
+    height, the prompt without LoRA tags). `controlnets`: (reference, resolved Hub commit
+    or None) per control unit. Which fields are recorded, and under which key, is declared
+    in `pipelines.fields`."""
+    from .fields import REQUEST_FIELDS, unit_fields
+
+    settings = {
+        spec.recipe: resolved.get(spec.name, getattr(request, spec.attribute))
+        for spec in REQUEST_FIELDS
+        if spec.recipe is not None
     }
+    controls = tuple(
+        {
+            **{s.recipe: getattr(unit, s.attribute) for s in unit_fields() if s.recipe},
+            "controlnet": controlnet,
+            "controlnet_revision": controlnet_revision,
+            "preprocessor_weights": weights,
+            "params": unit.param_dict,
+        }
+        for unit, (controlnet, controlnet_revision), weights in zip(
+            request.controls, controlnets, preprocessor_weights
+        )
+    )
+    model = {
+        "family": family.name,
+        "architecture": family.architecture,
+        "base": family.base_id,
+        "revision": base_revision,
+    }
+    return Recipe(
+        settings=settings,
+        model=model,
+        controls=controls,
+        loras=tuple(loras),
+        versions=library_versions(),
+    )
 
 
-def a1111_parameters(recipe: dict) -> str:
+def a1111_parameters(recipe: Recipe) -> str:
     """The one-paragraph format A1111 writes, so other viewers show something useful."""
-    lines = [recipe["prompt"]]
-    if recipe.get("negative_prompt"):
-        lines.append(f"Negative prompt: {recipe['negative_prompt']}")
+    from .fields import REQUEST_FIELDS
+
+    settings = recipe.settings
+    lines = [settings["prompt"]]
+    if settings.get("negative_prompt"):
+        lines.append(f"Negative prompt: {settings['negative_prompt']}")
     fields = [
-        f"Steps: {recipe['steps']}",
-        f"Sampler: {recipe['scheduler']}",
-        f"CFG scale: {recipe['guidance_scale']}",
-        f"Seed: {recipe['seed']}",
-        f"Size: {recipe['width']}x{recipe['height']}",
-        f"Model: {recipe['model']['base']}",
+        f"{spec.a1111}: {settings[spec.recipe]}"
+        for spec in REQUEST_FIELDS
+        if spec.a1111 and spec.recipe in settings
     ]
+    fields += [f"Size: {settings['width']}x{settings['height']}", f"Model: {recipe.model['base']}"]
     lines.append(", ".join(fields))
     return "\n".join(lines)
 
 
-def png_bytes_with_recipe(image, recipe: dict) -> bytes:
+def png_bytes_with_recipe(image, recipe: Recipe) -> bytes:
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    info.add_itxt(RECIPE_KEY, json.dumps(recipe, sort_keys=True))
+    info.add_itxt(RECIPE_KEY, recipe.to_json())
     info.add_itxt("parameters", a1111_parameters(recipe))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
 
 
-def read_recipe(image) -> dict[str, Any] | None:
-    """The recipe stored in a Stencil PNG (a PIL image or bytes), or None if it has none."""
+def read_recipe(image) -> Recipe | None:
+    """The recipe stored in a Stencil PNG (a PIL image or bytes), or None if it has none.
+
+    A recipe of an unknown (newer) version, or a damaged one, raises RecipeError.
+    """
     from PIL import Image
 
     if isinstance(image, (bytes, bytearray)):
@@ -112,80 +227,96 @@ def read_recipe(image) -> dict[str, Any] | None:
     if not raw:
         return None
     try:
-        recipe = json.loads(raw)
+        data = json.loads(raw)
     except ValueError:
         return None
-    return recipe if isinstance(recipe, dict) and "stencil_recipe" in recipe else None
+    if not isinstance(data, dict) or "stencil_recipe" not in data:
+        return None
+    return Recipe.from_dict(data)
 
 
-def python_snippet(recipe: dict) -> str:
-    """The same recipe as a runnable plain-diffusers script (LoRAs and controls included)."""
-    base = recipe["model"]["base"]
+def python_snippet(recipe: Recipe) -> str:
+    """The same recipe as a runnable plain-diffusers script (LoRAs and controls included).
+
+    The pipeline classes are the family's architecture's; the call's keyword arguments are
+    the declared fields' `pipeline_arg`s, written the way the engine passes them.
+    """
+    from .families import ARCHITECTURES
+    from .fields import REQUEST_FIELDS, unit_fields
+
+    settings, model = recipe.settings, recipe.model
+    classes = ARCHITECTURES[model.get("architecture", "sd")]
+    controls = list(recipe.controls)
+    pipeline_class = classes["controlnet" if controls else "text2img"]
     lines = []
-    if recipe["model"].get("family") == "tiny":
+    if model.get("family") == "tiny":
         lines += [
             "# 'stencil-tiny' is Stencil's offline test model: make it with",
             "# pipelines.tiny.ensure_tiny_family(folder) and use that folder here.",
         ]
+    imports = sorted({pipeline_class, _scheduler_class(settings["scheduler"])})
+    if controls:
+        imports.insert(0, classes["controlnet_model"])
     lines += [
         "import torch",
-        "from diffusers import (",
-        "    ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline,",
-        f"    {_scheduler_class(recipe['scheduler'])},",
-        ")",
+        f"from diffusers import {', '.join(imports)}",
         "from diffusers.utils import load_image",
         "",
         'device = "cuda" if torch.cuda.is_available() else "cpu"',
         'dtype = torch.float16 if device == "cuda" else torch.float32',
     ]
-    revision = _revision_arg(recipe["model"].get("revision"))
-    controls = recipe.get("controls") or []
+    revision = _revision_arg(model.get("revision"))
+    extra = " safety_checker=None," if classes.get("safety_checker") else ""
     if controls:
         nets = ", ".join(
-            f"ControlNetModel.from_pretrained({c['controlnet']!r},"
+            f"{classes['controlnet_model']}.from_pretrained({c['controlnet']!r},"
             f"{_revision_arg(c.get('controlnet_revision'))} torch_dtype=dtype)"
             for c in controls
         )
         lines += [
             f"controlnets = [{nets}]",
-            "pipe = StableDiffusionControlNetPipeline.from_pretrained(",
-            f"    {base!r},{revision} controlnet=controlnets, torch_dtype=dtype,"
-            " safety_checker=None",
+            f"pipe = {pipeline_class}.from_pretrained(",
+            f"    {model['base']!r},{revision} controlnet=controlnets, torch_dtype=dtype,{extra}",
             ").to(device)",
         ]
     else:
         lines += [
-            "pipe = StableDiffusionPipeline.from_pretrained(",
-            f"    {base!r},{revision} torch_dtype=dtype, safety_checker=None",
+            f"pipe = {pipeline_class}.from_pretrained(",
+            f"    {model['base']!r},{revision} torch_dtype=dtype,{extra}",
             ").to(device)",
         ]
-    scheduler_class = _scheduler_class(recipe["scheduler"])
-    overrides = _scheduler_overrides(recipe["scheduler"])
+    scheduler_class = _scheduler_class(settings["scheduler"])
+    overrides = _scheduler_overrides(settings["scheduler"])
     lines.append(
         f"pipe.scheduler = {scheduler_class}.from_config(pipe.scheduler.config{overrides})"
     )
-    loras = [lora for lora in recipe.get("loras") or [] if lora.get("active", True)]
+    loras = [lora for lora in recipe.loras if lora.get("active", True)]
     for lora in loras:
         lines.append(_load_lora_line(lora))
     if loras:
         names = [lora["name"] for lora in loras]
         weights = [lora["weight"] for lora in loras]
         lines.append(f"pipe.set_adapters({names!r}, adapter_weights={weights!r})")
-    call = [
-        f"    prompt={recipe['prompt']!r},",
-        f"    negative_prompt={recipe.get('negative_prompt') or None!r},",
-        f"    num_inference_steps={recipe['steps']},",
-        f"    guidance_scale={recipe['guidance_scale']},",
-        f"    width={recipe['width']}, height={recipe['height']},",
-        f"    generator=torch.Generator('cpu').manual_seed({recipe['seed']}),",
+    for spec in REQUEST_FIELDS:
+        if spec.snippet_setup and settings.get(spec.recipe, spec.default) != spec.default:
+            lines += spec.snippet_setup
+    call = [f"    prompt={settings['prompt']!r},"]
+    for spec in REQUEST_FIELDS:
+        if spec.pipeline_arg and spec.recipe in settings:
+            value = spec.pipeline_value(settings[spec.recipe])
+            call.append(f"    {spec.pipeline_arg}={value!r},")
+    call += [
+        f"    width={settings['width']}, height={settings['height']},",
+        f"    generator=torch.Generator('cpu').manual_seed({settings['seed']}),",
     ]
     if controls:
-        call += [
-            f"    image=[load_image(f'control_map_{{i}}.png') for i in range({len(controls)})],",
-            f"    controlnet_conditioning_scale={[c['conditioning_scale'] for c in controls]!r},",
-            f"    control_guidance_start={[c['guidance_start'] for c in controls]!r},",
-            f"    control_guidance_end={[c['guidance_end'] for c in controls]!r},",
-        ]
+        call.append(
+            f"    image=[load_image(f'control_map_{{i}}.png') for i in range({len(controls)})],"
+        )
+        for spec in unit_fields():
+            if spec.pipeline_arg:
+                values = [spec.pipeline_value(c[spec.recipe]) for c in controls]
+                call.append(f"    {spec.pipeline_arg}={values!r},")
     lines += ["image = pipe(", *call, ").images[0]", 'image.save("out.png")']
     return "\n".join(lines) + "\n"
 

@@ -1,64 +1,28 @@
 """The engine's front door for the UI and the API: plain values in, plain values out.
 
-The page and the HTTP API pass the same fields (named like the page's inputs); this
-module turns them into a validated `GenerationRequest`, runs it, and returns PNG files
-that carry their recipe. It knows no Gradio, so it is tested directly.
+The page and the HTTP API send the same flat fields (`pipelines.form`); this module parses
+them into a validated `GenerationRequest`, runs it, and returns PNG files that carry their
+recipe. It knows no Gradio, so it is tested directly. Every parse happens inside its
+methods, so any bad value surfaces as a `StencilError` at the one edge the UI has.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .engine import CancelToken, Engine
-from .errors import InvalidRequestError
-from .recipe import png_bytes_with_recipe
-from .requests import ControlUnit, GenerationRequest, ProgressCallback
+from .errors import ImageError, InvalidRequestError
+from .form import FormField, ParsedUnit, form_fields, parse_form, values_from_recipe
+from .recipe import Recipe, RecipeError, png_bytes_with_recipe
 
-NO_CONTROL = "none"
-RANDOM_SEED = -1
-
-
-@dataclass(frozen=True)
-class UnitFields:
-    """One control unit as the page and the API send it."""
-
-    control_type: str = NO_CONTROL
-    control_image: Any = None
-    conditioning_scale: float = 1.0
-    guidance_start: float = 0.0
-    guidance_end: float = 1.0
-    resolution: int = 512
-    params: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def active(self) -> bool:
-        return bool(self.control_type) and self.control_type != NO_CONTROL
-
-    def to_unit(self, position: int) -> ControlUnit:
-        from .controls import get_control_spec
-        from .images import load_image
-
-        spec = get_control_spec(self.control_type)
-        if self.control_image is None:
-            raise InvalidRequestError(
-                _field("control_image", position),
-                None,
-                f"control {self.control_type!r} needs an image; upload one or set the"
-                f" control to {NO_CONTROL!r}",
-            )
-        return ControlUnit(
-            control_type=spec.name,
-            image=load_image(self.control_image),
-            conditioning_scale=self.conditioning_scale,
-            guidance_start=self.guidance_start,
-            guidance_end=self.guidance_end,
-            resolution=self.resolution,
-            params=spec.validate_params(self.params),
-        )
+if TYPE_CHECKING:  # the engine brings torch; the service's importers need not
+    from .engine import CancelToken, Engine
+    from .requests import GenerationRequest, ProgressCallback
 
 
 @dataclass(frozen=True)
@@ -66,7 +30,7 @@ class GenerationOutcome:
     image_paths: tuple[str, ...]
     map_paths: tuple[str, ...]
     seeds: tuple[int, ...]
-    recipe: dict[str, Any]
+    recipe: Recipe
     warnings: tuple[str, ...]
     seconds: float
 
@@ -76,46 +40,25 @@ class StencilService:
         self.engine = engine
         self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="stencil-out-"))
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        # The page's components and the API's parameters, bounded by this model.
+        self.fields: tuple[FormField, ...] = form_fields(engine.model_facts)
 
     # Each public method mirrors one named API endpoint.
 
     def generate(
         self,
-        prompt: str,
+        fields: Mapping[str, Any],
         *,
-        negative_prompt: str = "",
-        seed: int = RANDOM_SEED,
-        steps: int = 20,
-        guidance_scale: float = 7.0,
-        width: int = 0,
-        height: int = 0,
-        scheduler: str = "Euler a",
-        num_images: int = 1,
-        units: tuple[UnitFields, ...] = (),
-        loras: str = "",
         session_id: str | None = None,
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
     ) -> GenerationOutcome:
-        request = self.build_request(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            seed=seed,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            width=width,
-            height=height,
-            scheduler=scheduler,
-            num_images=num_images,
-            units=units,
-            loras=loras,
-            session_id=session_id,
-        )
+        request = self.build_request(fields, session_id=session_id)
         result = self.engine.generate(request, progress=progress, cancel=cancel)
-        image_paths = []
-        for image, image_seed in zip(result.images, result.seeds):
-            recipe = dict(result.recipe, seed=image_seed, num_images=1)
-            image_paths.append(self._write_png(image, recipe, prefix=f"stencil-{image_seed}"))
+        image_paths = [
+            self._write_png(image, result.recipe.for_image(seed), prefix=f"stencil-{seed}")
+            for image, seed in zip(result.images, result.seeds)
+        ]
         map_paths = [self._write_png(m, None, prefix="map") for m in result.control_maps]
         return GenerationOutcome(
             image_paths=tuple(image_paths),
@@ -127,49 +70,26 @@ class StencilService:
         )
 
     def build_request(
-        self,
-        *,
-        prompt: str,
-        negative_prompt: str,
-        seed: int,
-        steps: int,
-        guidance_scale: float,
-        width: int,
-        height: int,
-        scheduler: str,
-        num_images: int,
-        units: tuple[UnitFields, ...],
-        loras: str,
-        session_id: str | None,
+        self, fields: Mapping[str, Any], *, session_id: str | None = None
     ) -> GenerationRequest:
-        seed = _whole("seed", seed)
-        lora_choices = ()
-        if self.engine.loras is not None:
-            lora_choices = self.engine.loras.parse_lora_string(loras or "", session_id=session_id)
-        elif loras and loras.strip():
-            raise InvalidRequestError("loras", loras, "this server has no LoRA library")
+        from .requests import GenerationRequest
+
+        parsed = parse_form(self.fields, fields)
         return GenerationRequest(
-            prompt=prompt if prompt is not None else "",
-            negative_prompt=negative_prompt or "",
-            seed=None if seed == RANDOM_SEED else seed,
-            steps=_whole("steps", steps),
-            guidance_scale=guidance_scale,
-            width=_whole("width", width) or None,
-            height=_whole("height", height) or None,
-            scheduler=scheduler,
-            num_images=_whole("num_images", num_images),
-            controls=tuple(
-                unit.to_unit(position) for position, unit in enumerate(units, 1) if unit.active
-            ),
-            loras=lora_choices,
+            **parsed.request,
+            controls=tuple(self._control_unit(unit) for unit in parsed.units),
+            loras=self._lora_choices(parsed.texts.get("loras", ""), session_id),
             session_id=session_id,
         )
 
-    def preview_control(self, unit: UnitFields) -> str:
-        """Run only the preprocessor; return the map as a PNG path."""
-        if not unit.active:
-            raise InvalidRequestError("control_type", unit.control_type, "pick a control type")
-        control_map = self.engine.control_map(unit.to_unit(1))
+    def preview_control(self, fields: Mapping[str, Any]) -> str:
+        """Run only the first unit's preprocessor; return the map as a PNG path."""
+        parsed = parse_form(tuple(f for f in self.fields if f.unit == 1), fields)
+        if not parsed.units:
+            value = fields.get("control_type")
+            raise InvalidRequestError("control_type", value, "pick a control type")
+        unit = self._control_unit(parsed.units[0])
+        control_map = self.engine.control_map(unit)
         return self._write_png(control_map, None, prefix=f"map-{unit.control_type}")
 
     def list_loras(self, session_id: str | None = None) -> list[dict[str, Any]]:
@@ -180,15 +100,15 @@ class StencilService:
     def add_lora_upload(self, path: str | Path, session_id: str) -> dict[str, Any]:
         """Validate an uploaded LoRA file and register it for this session only."""
         if self.engine.loras is None:
-            raise InvalidRequestError("lora_file", str(path), "this server has no LoRA library")
+            raise InvalidRequestError(
+                "lora_file", Path(path).name, "this server has no LoRA library"
+            )
         data = _read_capped(Path(path), self.engine.loras.max_upload_bytes)
         entry = self.engine.loras.add_upload(data, Path(path).name, session_id)
         return entry.to_public_dict()
 
     def status(self) -> dict[str, Any]:
-        """What the page's status line shows: model, offline mode, preprocessor weights."""
-        from .controls import CONTROLS, preprocessor_weights
-
+        """What the page's status line shows. It only reports: nothing is built here."""
         status = self.engine.status
         return {
             "family": status.family,
@@ -198,45 +118,80 @@ class StencilService:
             "dtype": status.dtype,
             "offline": status.offline,
             "notice": status.notice,
-            "preprocessor_weights": {
-                name: preprocessor_weights(name, device=status.device) for name in CONTROLS
-            },
+            "preprocessor_weights": dict(status.preprocessor_weights),
         }
 
-    @staticmethod
-    def read_recipe(path: str | Path) -> dict[str, Any]:
+    def read_recipe(self, path: str | Path) -> Recipe:
         from .images import load_image
         from .recipe import read_recipe
 
-        recipe = read_recipe(load_image(Path(path)))
+        name = Path(path).name
+        try:
+            recipe = read_recipe(load_image(Path(path)))
+        except RecipeError as exc:
+            raise InvalidRequestError("recipe_image", name, str(exc)) from None
         if recipe is None:
-            raise InvalidRequestError(
-                "recipe_image", Path(path).name, "this PNG carries no Stencil recipe"
-            )
+            raise InvalidRequestError("recipe_image", name, "this PNG carries no Stencil recipe")
         return recipe
 
+    def restore(self, path: str | Path) -> dict[str, Any]:
+        """The page values that reproduce a Stencil PNG, by field name (every recorded one)."""
+        return values_from_recipe(self.fields, self.read_recipe(path))
+
     @staticmethod
-    def python_snippet(recipe: dict[str, Any]) -> str:
+    def python_snippet(recipe: Recipe) -> str:
         from .recipe import python_snippet
 
         return python_snippet(recipe)
 
-    @staticmethod
-    def estimate_gpu_seconds(
-        *, steps: int, width: int, height: int, num_images: int, controls: int
-    ) -> int:
+    def estimate_gpu_seconds(self, fields: Mapping[str, Any]) -> int:
         """A generous bound for a Space's GPU slot: SD 1.5 at 512x512 runs ~20 steps/s on
-        an A100-class GPU; each ControlNet adds about half a UNet pass."""
-        pixels = max(width or 512, 64) * max(height or 512, 64) / (512 * 512)
-        work = steps * max(num_images, 1) * pixels * (1 + 0.5 * controls)
+        an A100-class GPU; each ControlNet adds about half a UNet pass. Never raises: a bad
+        field is reported by the generation itself."""
+        try:
+            parsed = parse_form(self.fields, fields)
+        except Exception:
+            return 60
+        request = parsed.request
+        pixels = (request["width"] or 512) * (request["height"] or 512) / (512 * 512)
+        work = request["steps"] * request["num_images"] * pixels * (1 + 0.5 * len(parsed.units))
         return int(min(300, max(20, 15 + work * 0.1)))
 
-    def _write_png(self, image, recipe: dict | None, *, prefix: str) -> str:
+    # ---- parsing helpers
+
+    def _control_unit(self, parsed: ParsedUnit):
+        from .controls import get_control_spec
+        from .images import load_image
+        from .requests import ControlUnit
+
+        spec = get_control_spec(parsed.control_type)
+        values = dict(parsed.values)
+        image_field = "control_image" + ("" if parsed.position == 1 else f"_{parsed.position}")
+        if values.get("image") is None:
+            raise InvalidRequestError(
+                image_field,
+                None,
+                f"control {parsed.control_type!r} needs an image; upload one or set the"
+                " control to 'none'",
+            )
+        try:
+            values["image"] = load_image(values["image"])
+        except ImageError as exc:
+            # Name the unit: with two units, "the image" alone does not say which.
+            raise ImageError(f"{image_field}: {exc}") from None
+        return ControlUnit(**values, params=spec.validate_params(parsed.params))
+
+    def _lora_choices(self, text: str, session_id: str | None):
+        if self.engine.loras is not None:
+            return self.engine.loras.parse_lora_string(text or "", session_id=session_id)
+        if text and text.strip():
+            raise InvalidRequestError("loras", text, "this server has no LoRA library")
+        return ()
+
+    def _write_png(self, image, recipe: Recipe | None, *, prefix: str) -> str:
         if recipe is not None:
             data = png_bytes_with_recipe(image, recipe)
         else:
-            import io
-
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
             data = buffer.getvalue()
@@ -253,16 +208,3 @@ def _read_capped(path: Path, limit: int) -> bytes:
             "lora_file", path.name, f"is {size / 2**20:.1f} MB; the limit is {limit / 2**20:.0f} MB"
         )
     return path.read_bytes()
-
-
-def _field(name: str, position: int) -> str:
-    return name if position == 1 else f"{name}_{position}"
-
-
-def _whole(name: str, value: Any) -> int:
-    """Accept 20 or 20.0 (JSON clients send floats) but never silently round 20.5."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequestError(name, value, "must be a whole number")
-    return value

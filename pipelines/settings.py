@@ -1,25 +1,61 @@
-"""Limits shared by the UI sliders and the server-side checks (one source of truth).
+"""Every limit and start-up setting, read from the environment once (one source of truth).
 
-Each limit can be tightened or widened by an environment variable, clamped to a hard
-ceiling so a typo cannot make one request hold the GPU for an hour.
+The page's sliders, the API's checks and the engine read the same numbers from here, in the
+spirit of hysts' `settings.py`. A malformed or out-of-range value is an operator's mistake
+that must stop start-up with a message naming the variable, never silently clamped and
+never a traceback: `SettingsError` carries that message and `app.py` prints it and exits.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import SettingsError
 
-def _env_int(name: str, default: int, lowest: int, highest: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from exc
-    return max(lowest, min(highest, value))
+__all__ = ["LIMITS", "Limits", "SettingsError", "WholeSetting", "load_limits"]
+
+
+@dataclass(frozen=True)
+class WholeSetting:
+    """A whole-number setting: its environment variable, default and allowed range."""
+
+    variable: str
+    default: int
+    lowest: int
+    highest: int
+
+    def read(self, environ: Mapping[str, str]) -> int:
+        raw = environ.get(self.variable, "").strip()
+        return self.default if not raw else self.parse(raw, self.variable)
+
+    def parse(self, raw: str, where: str) -> int:
+        """`raw` as a number in range, or SettingsError naming `where` (variable or option)."""
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(f"{where}={raw!r} is not a whole number") from None
+        if not self.lowest <= value <= self.highest:
+            raise SettingsError(
+                f"{where}={value} is out of range: it must be from {self.lowest} to {self.highest}"
+            )
+        return value
+
+
+# One row per limit. `highest` is a hard ceiling, so a typo cannot make one request hold
+# the GPU for an hour; past it Stencil refuses to start rather than clamp.
+MAX_STEPS = WholeSetting("STENCIL_MAX_STEPS", 100, 1, 500)
+MAX_SIDE = WholeSetting("STENCIL_MAX_SIDE", 1536, 64, 4096)
+MAX_IMAGES = WholeSetting("STENCIL_MAX_IMAGES", 4, 1, 16)
+MAX_PROMPT_CHARS = WholeSetting("STENCIL_MAX_PROMPT_CHARS", 2000, 100, 20000)
+MAX_IMAGE_PIXELS = WholeSetting("STENCIL_MAX_IMAGE_PIXELS", 40_000_000, 1, 400_000_000)
+MAX_UPLOAD_BYTES = WholeSetting("STENCIL_MAX_UPLOAD_BYTES", 20 * 2**20, 1, 2**31)
+QUEUE_SIZE = WholeSetting("STENCIL_QUEUE_SIZE", 32, 1, 10_000)
+PORT = WholeSetting("GRADIO_SERVER_PORT", 7860, 1, 65535)
+# 0: hotswap off (adapters loaded by name); otherwise the rank every slot is padded to.
+LORA_HOTSWAP_RANK = WholeSetting("STENCIL_LORA_HOTSWAP_RANK", 0, 0, 1024)
 
 
 @dataclass(frozen=True)
@@ -31,21 +67,57 @@ class Limits:
     max_guidance: float
     max_prompt_chars: int
     max_seed: int
+    max_image_pixels: int
+    max_upload_bytes: int
 
 
-def load_limits() -> Limits:
+def load_limits(environ: Mapping[str, str] | None = None) -> Limits:
+    environ = os.environ if environ is None else environ
     return Limits(
-        max_steps=_env_int("STENCIL_MAX_STEPS", 100, 1, 500),
-        max_side=_env_int("STENCIL_MAX_SIDE", 1536, 64, 4096),
-        min_side=64,
-        max_images=_env_int("STENCIL_MAX_IMAGES", 4, 1, 16),
+        max_steps=MAX_STEPS.read(environ),
+        max_side=MAX_SIDE.read(environ),
+        # Any multiple of the VAE's factor (8) is a size the models can make, so the page's
+        # size sliders (0 = auto, then steps of 8) offer nothing the server refuses.
+        min_side=8,
+        max_images=MAX_IMAGES.read(environ),
         max_guidance=30.0,
-        max_prompt_chars=_env_int("STENCIL_MAX_PROMPT_CHARS", 2000, 100, 20000),
+        max_prompt_chars=MAX_PROMPT_CHARS.read(environ),
         max_seed=2**32 - 1,
+        max_image_pixels=MAX_IMAGE_PIXELS.read(environ),
+        max_upload_bytes=MAX_UPLOAD_BYTES.read(environ),
     )
 
 
+# Read once, at first import: a bad value raises SettingsError from here, which app.py
+# catches before anything else is built.
 LIMITS = load_limits()
+
+
+def env_flag(name: str, environ: Mapping[str, str] | None = None) -> bool:
+    """A yes/no variable: 1/true/yes/on or 0/false/no/off (empty is no); anything else stops."""
+    raw = (os.environ if environ is None else environ).get(name, "").strip().lower()
+    if raw in {"", "0", "false", "no", "off"}:
+        return False
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    raise SettingsError(f"{name}={raw!r} is not a yes/no value (use 1 or 0)")
+
+
+def env_text(name: str, default: str, environ: Mapping[str, str] | None = None) -> str:
+    raw = (os.environ if environ is None else environ).get(name, "").strip()
+    return raw or default
+
+
+def env_choice(
+    name: str, choices: tuple[str, ...], environ: Mapping[str, str] | None = None
+) -> str | None:
+    """An optional variable that must be one of `choices` when set."""
+    raw = (os.environ if environ is None else environ).get(name, "").strip()
+    if not raw:
+        return None
+    if raw not in choices:
+        raise SettingsError(f"{name}={raw!r} is not one of: {', '.join(choices)}")
+    return raw
 
 
 def cache_dir() -> Path:

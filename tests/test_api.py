@@ -86,8 +86,7 @@ def test_the_recipe_read_back_from_the_png_equals_the_request(client, house):
         loras="tiny-neon:0.5, tiny-ink:0.25",
         api_name="/generate",
     )
-    recipe = read_recipe(Image.open(path_of(gallery[0])))
-    assert recipe is not None
+    recipe = read_recipe(Image.open(path_of(gallery[0]))).to_dict()
     expected = {
         "prompt": "a lighthouse",
         "negative_prompt": "blurry",
@@ -130,17 +129,22 @@ def test_preview_returns_the_map_before_any_generation(client, house):
 
 
 def test_second_control_unit_is_reachable(client, house):
-    gallery, maps, *_ = client.predict(
+    gallery, maps, _seed, recipe, _snippet = client.predict(
         prompt="a house",
         control_type="canny",
         control_image=handle_file(house),
         control_type_2="depth",
         control_image_2=handle_file(house),
         conditioning_scale_2=0.5,
+        guidance_start_2=0.25,
         steps=2,
         api_name="/generate",
     )
     assert len(maps) == 2 and gallery
+    first, second = recipe["controls"]
+    assert (first["control_type"], first["conditioning_scale"]) == ("canny", 1.0)
+    assert (second["control_type"], second["conditioning_scale"]) == ("depth", 0.5)
+    assert second["guidance_start"] == 0.25 and second["controlnet"] == "controlnet-depth"
 
 
 def test_list_loras_returns_the_catalogue_for_this_base(client):

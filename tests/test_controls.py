@@ -50,7 +50,7 @@ def test_a_control_changes_the_image_and_reproduces(engine):
     again = engine.generate(request(unit(), width=96, height=64))
     assert np.abs(pixels(plain.images[0]) - pixels(controlled.images[0])).max() > 10
     assert controlled.images[0].tobytes() == again.images[0].tobytes()
-    assert controlled.recipe["controls"][0]["controlnet"] == "controlnet-canny"
+    assert controlled.recipe.controls[0]["controlnet"] == "controlnet-canny"
 
 
 def test_another_control_image_gives_another_result(engine):
@@ -83,7 +83,7 @@ def test_multi_control_and_a_unit_at_scale_zero_drops_out_exactly(engine):
     depth_off = engine.generate(request(canny, unit("depth", conditioning_scale=0.0)))
     assert np.abs(pixels(both.images[0]) - pixels(canny_only.images[0])).max() > 0
     assert depth_off.images[0].tobytes() == canny_only.images[0].tobytes()
-    assert [c["control_type"] for c in both.recipe["controls"]] == ["canny", "depth"]
+    assert [c["control_type"] for c in both.recipe.controls] == ["canny", "depth"]
     assert len(both.control_maps) == 2
 
 
@@ -153,13 +153,13 @@ def test_image_control_uses_the_upload_as_the_map_for_the_chosen_controlnet(engi
     direct = engine.generate(request(unit("image", image=edges, params={"map_type": "canny"})))
     via_canny = engine.generate(request(unit()))
     assert direct.images[0].tobytes() == via_canny.images[0].tobytes()
-    assert direct.recipe["controls"][0]["controlnet"] == "controlnet-canny"
+    assert direct.recipe.controls[0]["controlnet"] == "controlnet-canny"
 
 
 def test_pose_map_runs_on_stand_in_weights_offline(engine):
     result = engine.generate(request(unit("pose")))
     assert result.control_maps[0].size == (96, 64)
-    assert result.recipe["controls"][0]["preprocessor_weights"] == "stand-in"
+    assert result.recipe.controls[0]["preprocessor_weights"] == "stand-in"
 
 
 def test_unknown_control_type_and_bad_params_are_clear(engine):

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import io
+import json
+from dataclasses import replace
 
+import pytest
 from conftest import hub_snapshot
 from PIL import Image
 
-from pipelines.recipe import png_bytes_with_recipe, python_snippet, read_recipe
+from pipelines.recipe import (
+    RECIPE_KEY,
+    RECIPE_VERSION,
+    Recipe,
+    RecipeError,
+    png_bytes_with_recipe,
+    python_snippet,
+    read_recipe,
+)
 from pipelines.requests import GenerationRequest, LoraChoice
 
 
@@ -26,7 +37,10 @@ def test_a_png_without_a_recipe_reads_as_none():
     assert read_recipe(buffer.getvalue()) is None
 
 
-def test_the_python_snippet_reproduces_the_image_with_plain_diffusers(engine, cache_root):
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_the_python_snippet_reproduces_the_image_with_plain_diffusers(
+    engine, cache_root, clip_skip
+):
     from pipelines.tiny import tiny_family_dir
 
     request = GenerationRequest(
@@ -36,6 +50,7 @@ def test_the_python_snippet_reproduces_the_image_with_plain_diffusers(engine, ca
         width=64,
         height=64,
         scheduler="DPM++ 2M",
+        clip_skip=clip_skip,
         loras=(LoraChoice("tiny-ink", 0.7),),
     )
     result = engine.generate(request)
@@ -83,9 +98,56 @@ def test_the_snippet_pins_the_recorded_commits(engine):
         controls=(ControlUnit("image", PILImage.new("RGB", (64, 64))),),
     )
     recipe = engine.generate(request).recipe
-    assert recipe["model"]["revision"] is None  # the tiny family is a local folder
-    recipe["model"]["revision"] = "a" * 40
-    recipe["controls"][0]["controlnet_revision"] = "b" * 40
-    snippet = python_snippet(recipe)
+    assert recipe.model["revision"] is None  # the tiny family is a local folder
+    pinned = replace(
+        recipe,
+        model={**recipe.model, "revision": "a" * 40},
+        controls=({**recipe.controls[0], "controlnet_revision": "b" * 40},),
+    )
+    snippet = python_snippet(pinned)
     compile(snippet, "recipe-snippet", "exec")
     assert f"revision={'a' * 40!r}" in snippet and f"revision={'b' * 40!r}" in snippet
+
+
+def _png_with_raw_recipe(data: dict) -> bytes:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_itxt(RECIPE_KEY, json.dumps(data))
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def test_a_recipe_from_a_newer_stencil_is_refused_with_the_versions(engine):
+    recipe = engine.generate(GenerationRequest("a fox", seed=4, steps=1)).recipe
+    newer = {**recipe.to_dict(), "stencil_recipe": RECIPE_VERSION + 1}
+    with pytest.raises(RecipeError, match=f"newer Stencil .*version {RECIPE_VERSION + 1}"):
+        read_recipe(_png_with_raw_recipe(newer))
+    with pytest.raises(RecipeError, match="not a version number"):
+        read_recipe(_png_with_raw_recipe({**newer, "stencil_recipe": "two"}))
+
+
+def test_a_version_1_recipe_is_migrated_and_reproduces_its_image(engine):
+    """Version 1 recipes had no architecture; a field added since (CLIP skip) is read with
+    its default, which is what Stencil did before it existed."""
+    result = engine.generate(GenerationRequest("a fox", seed=4, steps=2))
+    old = result.recipe.to_dict()
+    old["stencil_recipe"] = 1
+    del old["clip_skip"], old["model"]["architecture"]
+    migrated = read_recipe(_png_with_raw_recipe(old))
+    assert migrated == result.recipe
+    assert Recipe.from_json(migrated.to_json()) == migrated
+
+
+def test_clip_skip_changes_the_image_and_is_refused_past_the_text_encoder(engine):
+    from pipelines.errors import InvalidRequestError
+
+    base = dict(prompt="a red fox", seed=8, steps=2, width=64, height=64)
+    last = engine.generate(GenerationRequest(**base)).images[0]
+    skipped = engine.generate(GenerationRequest(**base, clip_skip=2)).images[0]
+    assert last.tobytes() != skipped.tobytes()
+    assert engine.generate(GenerationRequest(**base)).images[0].tobytes() == last.tobytes()
+    layers = engine.model_facts["text_encoder_layers"]
+    with pytest.raises(InvalidRequestError, match=f"clip_skip={layers + 1} .* from 1 to {layers}"):
+        engine.generate(GenerationRequest(**base, clip_skip=layers + 1))

@@ -1,23 +1,23 @@
 """The one shape every preprocessor has: image in, RGB control map out.
 
-Each preprocessor declares its parameters (`ParamSpec`) next to its code; the UI builds its
-controls from them and every call validates against them. Nothing is clamped silently.
+Each preprocessor declares its parameters (`ParamSpec`, which is `pipelines.fields.Field`)
+next to its code; the UI builds its controls from them and every call validates against
+them. Nothing is clamped silently.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-import numpy as np
 from PIL import Image
 
 from ..errors import InvalidRequestError
+from ..fields import DETECTION_RESOLUTION
+from ..fields import Field as ParamSpec
 from ..images import resize_short_side, to_rgb
 
 ParamKind = Literal["int", "float", "bool", "choice"]
@@ -25,82 +25,6 @@ Weights = Literal["none", "real", "stand-in"]
 
 # The long side of a map may reach this, whatever the resolution (a 16:1 image at 512).
 MAX_MAP_SIDE = 8192
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One declared parameter: what the UI shows and what a call may pass.
-
-    `step` is a hint for UI sliders; it is not enforced.
-    """
-
-    name: str
-    label: str
-    kind: ParamKind
-    default: Any
-    minimum: float | None = None
-    maximum: float | None = None
-    step: float | None = None
-    choices: tuple[Any, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("int", "float", "bool", "choice"):
-            raise ValueError(f"ParamSpec {self.name}: unknown kind {self.kind!r}")
-        if self.kind == "choice" and not self.choices:
-            raise ValueError(f"ParamSpec {self.name}: a choice needs choices")
-        self.validate(self.default)  # a spec whose own default is invalid is a bug
-
-    def validate(self, value: Any) -> Any:
-        """The value in its canonical type, or InvalidRequestError naming field and bounds."""
-        if self.kind == "bool":
-            if isinstance(value, (bool, np.bool_)):
-                return bool(value)
-            raise self._error(value)
-        if self.kind == "choice":
-            if value in self.choices:
-                return value
-            raise self._error(value)
-        number = self._as_number(value)
-        if self.minimum is not None and number < self.minimum:
-            raise self._error(value)
-        if self.maximum is not None and number > self.maximum:
-            raise self._error(value)
-        return number
-
-    def describe(self) -> str:
-        """What is allowed, in words (used in error messages)."""
-        if self.kind == "bool":
-            return "true or false"
-        if self.kind == "choice":
-            return "one of " + ", ".join(repr(c) for c in self.choices)
-        noun = "an integer" if self.kind == "int" else "a number"
-        if self.minimum is not None and self.maximum is not None:
-            return f"{noun} from {_fmt(self.minimum)} to {_fmt(self.maximum)}"
-        if self.minimum is not None:
-            return f"{noun} of at least {_fmt(self.minimum)}"
-        if self.maximum is not None:
-            return f"{noun} of at most {_fmt(self.maximum)}"
-        return noun
-
-    def _as_number(self, value: Any) -> int | float:
-        # bool is an int in Python; True for a threshold is a mistake, not 1.
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise self._error(value)
-        if not math.isfinite(value):
-            raise self._error(value)
-        if self.kind == "float":
-            return float(value)
-        # Sliders send 100.0 for an integer slider: accept whole floats, refuse 100.5.
-        if isinstance(value, numbers.Integral) or float(value).is_integer():
-            return int(value)
-        raise self._error(value)
-
-    def _error(self, value: Any) -> InvalidRequestError:
-        return InvalidRequestError(self.name, value, self.describe())
-
-
-def _fmt(number: float) -> str:
-    return str(int(number)) if float(number).is_integer() else f"{number:g}"
 
 
 def validate_params(
@@ -120,15 +44,8 @@ def validate_params(
     }
 
 
-RESOLUTION = ParamSpec(
-    name="resolution",
-    label="Detection resolution (short side)",
-    kind="int",
-    default=512,
-    minimum=64,
-    maximum=4096,
-    step=64,
-)
+# The detection resolution is a control-unit field; preprocessors check the same bounds.
+RESOLUTION = DETECTION_RESOLUTION
 
 
 @dataclass(frozen=True)
