@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipelines.errors import SettingsError
+from pipelines.errors import SettingsError, StencilError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,16 +103,84 @@ def limit_image_decoding() -> None:
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
+def claim_gradio_cache() -> tuple[Path, bool]:
+    """Gradio's cache folder, and whether Stencil owns it: under Stencil's own cache unless
+    GRADIO_TEMP_DIR names another (which may be shared, so Stencil leaves it to Gradio).
+
+    Gradio expires only files it tracks in this run (`delete_cache`); files left by a run
+    that was killed would stay for ever, so in a folder Stencil owns they go at start once
+    past their age. Set before Gradio is imported: it reads the variable then."""
+    from pipelines.settings import BUDGETS, cache_dir
+    from pipelines.storage import prune_older_than
+
+    chosen = os.environ.get("GRADIO_TEMP_DIR")
+    if chosen:
+        return Path(chosen), False
+    folder = cache_dir() / "gradio"
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    prune_older_than(folder, BUDGETS.gradio_cache_max_age_s)
+    return folder, True
+
+
+def sweep_gradio_cache(demo, folder: Path):
+    """Sweep the Gradio cache Stencil owns on Gradio's schedule, of the files `delete_cache`
+    does not track (see `GradioCacheSweeper`), keeping those Gradio keeps (the examples)."""
+    from pipelines.settings import BUDGETS
+    from pipelines.storage import GradioCacheSweeper
+
+    def kept_by_gradio() -> list[str]:
+        blocks = demo.blocks.values()
+        return [path for block in blocks for path in getattr(block, "keep_in_cache", ())]
+
+    sweeper = GradioCacheSweeper(
+        folder,
+        max_age_s=BUDGETS.gradio_cache_max_age_s,
+        every_s=BUDGETS.gradio_cache_sweep_s,
+        keep=kept_by_gradio,
+    )
+    return sweeper.start()
+
+
+def upload_limits(gradio_cache: Path) -> dict:
+    """`launch` arguments that bound what an upload may cost (see upload_guard.py).
+
+    Gradio 6 has one per-file cap for every upload (no component has its own), so it is
+    the larger of Stencil's two: a LoRA file's; images are checked against their own,
+    smaller cap before they are decoded."""
+    from starlette.middleware import Middleware
+
+    from pipelines.settings import BUDGETS, LIMITS
+    from upload_guard import UploadGuard
+
+    max_file_bytes = max(LIMITS.max_upload_bytes, BUDGETS.max_lora_upload_bytes)
+    guard = Middleware(
+        UploadGuard,
+        cache_dir=gradio_cache,
+        max_file_bytes=max_file_bytes,
+        max_cache_bytes=BUDGETS.gradio_cache_max_bytes,
+    )
+    # num_workers=0: no static file workers (an SSR-mode option), which would serve the
+    # upload route outside this middleware.
+    return {
+        "max_file_size": max_file_bytes,
+        "app_kwargs": {"middleware": [guard]},
+        "num_workers": 0,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         args = parse_args(argv)  # reads pipelines.settings, and with it every limit
+        gradio_cache, stencil_owns_it = claim_gradio_cache()
         limit_image_decoding()
         demo = build_app(args)
-    except SettingsError as exc:
+    except (SettingsError, StencilError) as exc:  # a bad option, setting or model
         sys.exit(f"Stencil cannot start: {exc}")
+    if stencil_owns_it:
+        sweep_gradio_cache(demo, gradio_cache)
     demo.launch(
         server_name=args.host,
         server_port=args.port,
@@ -120,8 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         strict_cors=True,
         enable_monitoring=False,
         show_error=True,
-        # Big enough for a LoRA upload; images have their own, smaller cap when decoded.
-        max_file_size="200mb",
+        **upload_limits(gradio_cache),
     )
 
 

@@ -10,9 +10,11 @@ Importing this module imports no torch: the engine (built by app.py) brings it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
+import queue
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +24,8 @@ import gradio as gr
 from pipelines.errors import GenerationCancelled, StencilError
 from pipelines.fields import LORA_WEIGHT, NO_CONTROL, RANDOM_SEED
 from pipelines.form import FormField, suffix
+from pipelines.model_check import without_paths
+from pipelines.settings import BUDGETS
 
 if TYPE_CHECKING:
     from pipelines.service import StencilService
@@ -91,13 +95,63 @@ class StopTokens:
                 del self._tokens[session]
 
 
+class BackgroundRun:
+    """Runs `work(report)` in a thread of its own while the event handler yields.
+
+    Gradio can only cancel a running event between two yields of a generator handler (it
+    then closes the generator); a plain function would keep the model until it returns. So
+    the handler yields at every progress report and at least every `HEARTBEAT_S`, and when
+    it is closed early it cancels the work, which stops within one denoising step.
+    """
+
+    HEARTBEAT_S = 0.2
+
+    def __init__(self, work) -> None:
+        self._reports: queue.Queue = queue.Queue()
+        self._outcome: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(work,), daemon=True)
+        self._thread.start()
+
+    def _run(self, work) -> None:
+        try:
+            self._outcome = work(lambda done, total, stage: self._reports.put((done, total, stage)))
+        except BaseException as exc:  # handed to the handler's thread by result()
+            self._error = exc
+        finally:
+            self._reports.put(None)
+
+    def reports(self):
+        """(done, total, stage) as they come, or None at each heartbeat; ends with the work."""
+        while True:
+            try:
+                report = self._reports.get(timeout=self.HEARTBEAT_S)
+            except queue.Empty:
+                yield None
+                continue
+            if report is None:
+                return
+            yield report
+
+    @property
+    def finished(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._outcome
+
+
 # ---- the one edge ------------------------------------------------------------------------
 
 
 def user_error(exc: Exception) -> gr.Error:
     """StencilErrors carry their own message; anything else is logged, not shown raw."""
     if isinstance(exc, StencilError):
-        return gr.Error(str(exc), print_exception=False)
+        # Messages name files by their names; a machine path never reaches a browser.
+        return gr.Error(without_paths(str(exc)), print_exception=False)
     log.exception("unexpected error while serving a request")
     return gr.Error(
         f"Stencil hit an internal error ({type(exc).__name__}); the request was not "
@@ -110,6 +164,19 @@ def at_the_edge(function):
     """Every event handler goes through here: a StencilError becomes the message the user
     sees, anything else is logged and reported without internals. Handlers parse their
     fields inside, so no parse error can slip past this."""
+
+    if inspect.isgeneratorfunction(function):
+
+        @functools.wraps(function)
+        def generator_handler(*args, **kwargs):
+            try:
+                yield from function(*args, **kwargs)
+            except gr.Error:
+                raise
+            except Exception as exc:
+                raise user_error(exc) from None
+
+        return generator_handler
 
     @functools.wraps(function)
     def handler(*args, **kwargs):
@@ -139,6 +206,19 @@ def accepts_fields(function, fields: dict[str, FormField]):
     ]
     function.__signature__ = inspect.Signature(head + tail)
     return function
+
+
+def discard_gradio_copy(path: str | Path) -> None:
+    """Delete Gradio's copy of an upload that Stencil stored itself (an upload is kept
+    once). Only a file inside Gradio's cache folder is ever touched."""
+    cache = Path(gr.utils.get_upload_folder()).resolve()
+    file = Path(path).resolve()
+    if not file.parent.is_relative_to(cache):
+        return
+    file.unlink(missing_ok=True)
+    if file.parent != cache:
+        with contextlib.suppress(OSError):  # Gradio keeps each upload in a folder of its own
+            file.parent.rmdir()
 
 
 def session_of(request: gr.Request | None) -> str:
@@ -276,22 +356,29 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
     def generate(request: gr.Request, progress=gr.Progress(), **values):
         session = session_of(request)
         token = stops.start(session)
+        run = BackgroundRun(
+            lambda report: service.generate(
+                values, session_id=session, progress=report, cancel=token
+            )
+        )
         try:
             progress(0, desc="waiting for the model")
-            outcome = service.generate(
-                values,
-                session_id=session,
-                progress=lambda done, total, stage: progress((done, total), desc=stage),
-                cancel=token,
-            )
+            for report in run.reports():
+                if report is not None:
+                    done, total, stage = report
+                    progress((done, total), desc=stage)
+                yield (gr.skip(),) * RESULT_OUTPUTS  # where Gradio's cancel can stop us
+            outcome = run.result()
         except GenerationCancelled as exc:
             gr.Warning(f"Stopped: {exc}")
-            return (gr.skip(),) * RESULT_OUTPUTS
+            return
         finally:
+            if not run.finished:  # closed by Gradio's cancel (or the Stop button)
+                token.cancel()
             stops.finish(session, token)
         for warning in outcome.warnings:
             gr.Warning(warning)
-        return (
+        yield (
             list(outcome.image_paths),
             list(outcome.map_paths),
             outcome.seeds[0],
@@ -315,6 +402,10 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
     def list_loras(request: gr.Request):
         return service.list_loras(session_of(request))
 
+    def forget_session(request: gr.Request):
+        """Run by `demo.unload` when a browser session closes."""
+        service.forget_session(session_of(request))
+
     def stop(request: gr.Request):
         stops.stop(session_of(request))
 
@@ -325,7 +416,9 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
     groups = _by_group(request_fields)
     components: dict[str, Any] = {}
 
-    with gr.Blocks(title="Stencil", analytics_enabled=False) as demo:
+    # Gradio's cache (uploads, its copies of results) expires by age (STENCIL_GRADIO_CACHE_*).
+    delete_cache = BUDGETS.gradio_delete_cache
+    with gr.Blocks(title="Stencil", analytics_enabled=False, delete_cache=delete_cache) as demo:
         gr.Markdown("# Stencil\nPrompt, control maps and LoRAs on one shared model.")
         gr.Markdown(status_markdown(status), elem_id="status")
         with gr.Row():
@@ -405,7 +498,7 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
 
         inputs = {key: components[key] for key in fields}
         accepts_fields(generate, fields)
-        run.click(
+        generating = run.click(
             on_gpu(generate, estimate),
             inputs_kwargs=inputs,
             outputs=[gallery, maps, used_seed, recipe, snippet],
@@ -413,7 +506,9 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
             concurrency_id=MODEL_QUEUE,
             concurrency_limit=1,
         )
-        halt.click(stop, None, None, queue=False, api_visibility="private")
+        # Gradio's cancel takes a queued run out of the queue and closes a running one; the
+        # token reaches the engine at once (the page's Stop and the API's Job.cancel() meet).
+        halt.click(stop, None, None, queue=False, api_visibility="private", cancels=[generating])
         seed = components["seed"]
         randomize.click(lambda: RANDOM_SEED, None, seed, queue=False, api_visibility="private")
         reuse.click(lambda last: last, used_seed, seed, queue=False, api_visibility="private")
@@ -432,6 +527,7 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
                     components["prompt"], lora_file)  # fmt: skip
         _wire_recipe_drop(restore_recipe, recipe_drop, inputs, slots, extra_loras, lora_choices)
         _examples(components["prompt"], units[0])
+        demo.unload(forget_session)
 
     # api_open=False: direct HTTP calls must go through the queue like the page does.
     demo.queue(max_size=queue_size, api_open=False, default_concurrency_limit=1)
@@ -488,7 +584,15 @@ def _wire_loras(service, slots, extra_loras, loras, triggers, add_triggers, prom
 
     def trigger_words(request: gr.Request, *values):
         words = words_for(request, values)
-        return ("**Trigger words:** " + ", ".join(words)) if words else ""
+        lines = ["**Trigger words:** " + ", ".join(words)] if words else []
+        # Each chosen LoRA's pre-flight verdict (format, ranks, how it is applied).
+        by_name = {e["name"]: e for e in service.list_loras(session_of(request))}
+        lines += [
+            f"**{by_name[n]['display_name']}:** {by_name[n]['verdict']}"
+            for n in values[0::2]
+            if n and "verdict" in by_name.get(n, {})
+        ]
+        return "\n\n".join(lines)
 
     def add_words(request: gr.Request, text: str, *values):
         missing = [w for w in words_for(request, values) if w.lower() not in (text or "").lower()]
@@ -498,8 +602,13 @@ def _wire_loras(service, slots, extra_loras, loras, triggers, add_triggers, prom
     def upload(path, request: gr.Request):
         if not path:
             return [gr.skip()] * len(slots)
-        entry = service.add_lora_upload(path, session_of(request))
-        gr.Info(f"LoRA {entry['display_name']!r} added for this session as {entry['name']!r}")
+        try:
+            entry = service.add_lora_upload(path, session_of(request))
+        finally:
+            discard_gradio_copy(path)  # Stencil keeps its own copy, for the session's life
+        verdict = f": {entry['verdict']}" if "verdict" in entry else ""
+        added = f"LoRA {entry['display_name']!r} added for this session as {entry['name']!r}"
+        gr.Info(added + verdict)
         choices = [("None", "")] + [
             (e["display_name"], e["name"]) for e in service.list_loras(session_of(request))
         ]

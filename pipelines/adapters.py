@@ -10,7 +10,9 @@ restored. The caller (the engine) holds its lock around `bind` and `activate`.
   recently used by count and by a byte budget; a switch is `set_adapters`.
 - `HotswapSlots` keeps a fixed set of slots, padded to one rank on every attention layer, and
   swaps files into them (`hotswap=True`); weights are filled into tensor scalings in place.
-  A `torch.compile`d UNet then keeps its one graph.
+  A `torch.compile`d UNet then keeps its one graph. Every slot is always computed, so a
+  slot outside the request's set is emptied (its weights zeroed in place): it then adds
+  exactly 0, whatever file it held.
 
 `build_adapter_store` is the one place that chooses between them.
 """
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .errors import InvalidRequestError, LoraRejectedError
-from .lora_files import MiB, ModelSignature
+from .lora_files import MiB, ModelSignature, verify_loaded_scales
 from .lora_sources import PreparedLora
 
 logger = logging.getLogger(__name__)
@@ -252,17 +254,21 @@ class NamedAdapters(AdapterStore):
         adapter = f"stencil_{self._load_counter:06d}_{item.sha256[:12]}"
         self._active = None  # loading makes the new adapter active on some components
         try:
-            pipe.load_lora_weights(
-                str(item.path.parent),
-                weight_name=item.path.name,
-                adapter_name=adapter,
-                use_safetensors=True,  # never fall back to unpickling
-            )
+            source, options = loadable(pipe, item, self._signature)
+            pipe.load_lora_weights(source, adapter_name=adapter, **options)
+        except LoraRejectedError:
+            _delete_adapter(pipe, adapter)
+            raise
         except Exception as exc:
             _delete_adapter(pipe, adapter)
             raise LoraRejectedError(
                 item.entry.name, f"it passed its checks but diffusers could not load it ({exc})"
             ) from exc
+        try:
+            verify_loaded_scales(pipe, adapter, item.report, name=item.entry.name)
+        except LoraRejectedError:
+            _delete_adapter(pipe, adapter)
+            raise
         return LoadedAdapter(adapter, item.entry.name, self._param_bytes(item))
 
     def _evict(self, pipe: Any, incoming: int, keep: set[str]) -> None:
@@ -276,6 +282,39 @@ class NamedAdapters(AdapterStore):
     def _over_bounds(self, incoming: int) -> bool:
         used = sum(item.param_bytes for item in self._loaded.values())
         return len(self._loaded) + 1 > self.max_loaded or used + incoming > self.memory_budget_bytes
+
+
+def loadable(
+    pipe: Any, item: PreparedLora, signature: ModelSignature | None
+) -> tuple[Any, dict[str, Any]]:
+    """What `load_lora_weights` is given: the file itself, or, for a file diffusers would
+    apply wrongly or not at all (LyCORIS formats, per-module alphas, extra layers), its
+    exact standard LoRA, made from the same bytes the check passed."""
+    if item.report.converted_from is None:
+        # use_safetensors: never fall back to unpickling
+        return str(item.path.parent), {"weight_name": item.path.name, "use_safetensors": True}
+    import hashlib
+
+    from safetensors.torch import load as load_tensors
+
+    from .lycoris_formats import convert_to_exact_lora
+
+    data = item.path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != item.sha256:
+        raise LoraRejectedError(item.entry.name, "its file changed after it was checked")
+    unet = unwrapped_unet(pipe)
+    state, _ = convert_to_exact_lora(
+        load_tensors(data), signature.layers, base_weight=lambda c, m: _base_weight(pipe, c, m)
+    )
+    like = {"device": unet.device, "dtype": unet.dtype}
+    return {key: value.to(**like) for key, value in state.items()}, {}
+
+
+def _base_weight(pipe: Any, component: str, module: str) -> Any:
+    """A layer's own weight, under any peft wrapper (what DoRA's decomposition is of)."""
+    model = getattr(pipe, component)
+    layer = getattr(model, "_orig_mod", model).get_submodule(module)
+    return getattr(layer, "base_layer", layer).weight.detach()
 
 
 def _delete_adapter(pipe: Any, adapter: str) -> None:
@@ -292,6 +331,13 @@ class HotswapSlots(AdapterStore):
 
     All slots are always active; a slot's weight is a tensor filled in place, so neither a
     swap nor a new weight changes what a compiled UNet traced.
+
+    Being always active, a slot outside the request's set still runs, and a weight of 0 does
+    not silence it: NaN * 0 is NaN, and in float16 a finite but large file overflows to inf
+    before the weight applies (inf * 0 is NaN too). So such a slot is emptied: its LoRA
+    weights and scaling are zeroed in place (shapes kept, so the compiled graph too). A zero
+    down matrix makes the slot's term exactly 0 for any finite input, and x + 0 == x. The
+    file is swapped in again when a request next wants it.
     """
 
     keeps_compiled_graph = True
@@ -351,7 +397,11 @@ class HotswapSlots(AdapterStore):
         return slots
 
     def _apply_weights(self, pipe: Any, target: ActiveSet) -> None:
-        self._fill_weights(dict(target))
+        weights = dict(target)
+        for slot in self._slots:
+            if slot not in weights:
+                self._empty(slot)
+        self._fill_weights(weights)
 
     def _snapshot(self) -> dict[str, str | None]:
         return dict(self._content)
@@ -389,15 +439,16 @@ class HotswapSlots(AdapterStore):
 
     def _swap_into(self, pipe: Any, slot: str, item: PreparedLora) -> None:
         self._active = None
-        self._content[slot] = None
+        # From zeros: peft leaves the scaling of a layer the new file does not target as it
+        # was, and the old file's (a NaN alpha, say) must not survive under the new one.
+        self._empty(slot)
         try:
-            pipe.load_lora_weights(
-                str(item.path.parent),
-                weight_name=item.path.name,
-                adapter_name=slot,
-                hotswap=True,
-                use_safetensors=True,
-            )
+            source, options = loadable(pipe, item, self._signature)
+            pipe.load_lora_weights(source, adapter_name=slot, hotswap=True, **options)
+            verify_loaded_scales(pipe, slot, item.report, name=item.entry.name)
+        except LoraRejectedError:
+            self._empty(slot)  # a swapped-in file that fails its check adds nothing
+            raise
         except Exception as exc:
             # diffusers deletes the slot's adapter when a hotswap fails; the slots are
             # fixed, so start over with fresh ones rather than run with a hole.
@@ -423,11 +474,22 @@ class HotswapSlots(AdapterStore):
 
     def _fill_weights(self, weights: Mapping[str, float]) -> None:
         for slot in self._slots:
-            weight = weights.get(slot, 0.0)
+            weight = weights.get(slot)
             scales = self._scaling.get(slot, {})
             for layer in self._lora_layers:
                 if slot in layer.scaling:
-                    layer.scaling[slot].fill_(weight * scales.get(id(layer), 0.0))
+                    # Not weight * scale for a slot outside the set: a stored scale may be NaN.
+                    scale = 0.0 if weight is None else weight * scales.get(id(layer), 0.0)
+                    layer.scaling[slot].fill_(scale)
+
+    def _empty(self, slot: str) -> None:
+        """Zero the slot's LoRA weights and scaling in place and forget its file.
+
+        Done every time, not only when the slot is believed to hold a file: the guarantee
+        must not rest on bookkeeping, and it costs one in-place fill per matrix."""
+        _zero_adapter(self._lora_layers, slot)
+        self._content[slot] = None
+        self._scaling[slot] = {}
 
     def _create_slots(self, pipe: Any) -> None:
         """Fill every slot with an all-zero LoRA of the target rank on every attention layer.
@@ -467,6 +529,21 @@ class HotswapSlots(AdapterStore):
         self._scaling = {slot: {} for slot in slots}
         self._active = None
         self._fill_weights({})
+
+
+def _zero_adapter(lora_layers: Sequence[Any], adapter: str) -> None:
+    """Zero every weight (and bias) of `adapter`'s LoRA matrices and its scaling, in place."""
+    import torch
+
+    with torch.no_grad():
+        for layer in lora_layers:
+            for matrices in (layer.lora_A, layer.lora_B):
+                if adapter in matrices:
+                    for parameter in matrices[adapter].parameters():
+                        parameter.zero_()
+            scaling = layer.scaling.get(adapter)
+            if isinstance(scaling, torch.Tensor):
+                scaling.zero_()
 
 
 def _zero_lora(layers: Mapping[str, Any], rank: int, **like: Any) -> dict[str, Any]:

@@ -9,13 +9,21 @@ and a builder that loses the race simply drops its copy.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 STAGING_PREFIX = ".staging-"
+STALE_PREFIX = ".stale-"
+MANIFEST_NAME = "stencil-manifest.json"
 
 
 def build_atomically(
@@ -49,12 +57,84 @@ def _move_into_place(staging: Path, target: Path, is_complete: Callable[[Path], 
     if is_complete(target):
         return  # another builder finished first
     if target.exists():
-        # Stale: os.replace cannot overwrite a non-empty folder. Errors are ignored because
-        # a concurrent builder may be removing or replacing it at the same moment.
-        shutil.rmtree(target, ignore_errors=True)
+        _set_aside(target)
     try:
         os.replace(staging, target)
     except OSError:
         # A concurrent builder renamed its folder in between our check and our rename.
         if not is_complete(target):
             raise
+
+
+def _set_aside(target: Path) -> None:
+    """Move a stale or damaged folder out of the way, then delete it.
+
+    os.replace cannot overwrite a non-empty folder, and deleting in place can fail half way
+    (a file held open, a concurrent builder): renaming first is one atomic step, so whatever
+    is left of the old folder never blocks the new one.
+    """
+    aside = Path(tempfile.mkdtemp(prefix=f"{STALE_PREFIX}{target.name}-", dir=target.parent))
+    with contextlib.suppress(FileNotFoundError):  # a concurrent builder moved it already
+        os.replace(target, aside / target.name)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+# ---- folders that verify themselves -------------------------------------------------------
+
+
+def build_verified(target: Path, write: Callable[[Path], None]) -> Path:
+    """`build_atomically`, with a manifest of every file's sha256 written last and checked
+    on every call: a folder with a missing, truncated or altered file is rebuilt."""
+
+    def write_with_manifest(staging: Path) -> None:
+        write(staging)
+        write_manifest(staging)
+
+    def intact(folder: Path) -> bool:
+        if not folder.exists():
+            return False
+        problem = manifest_problem(folder)
+        if problem is not None:
+            log.warning("%s is damaged (%s); rebuilding it", folder, problem)
+        return problem is None
+
+    return build_atomically(target, write_with_manifest, is_complete=intact)
+
+
+def write_manifest(folder: Path) -> None:
+    digests = {name: _sha256(folder / name) for name in _files(folder)}
+    (folder / MANIFEST_NAME).write_text(json.dumps(digests, indent=1, sort_keys=True))
+
+
+def manifest_problem(folder: Path) -> str | None:
+    """What is wrong with `folder` against its manifest, in words, or None if intact."""
+    try:
+        recorded = json.loads((folder / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return "no readable manifest"
+    if not isinstance(recorded, dict):
+        return "no readable manifest"
+    present = set(_files(folder))
+    for name, digest in sorted(recorded.items()):
+        if name not in present:
+            return f"{name} is missing"
+        if _sha256(folder / name) != digest:
+            return f"{name} differs from what was built"
+    extra = sorted(present - set(recorded))
+    return f"{extra[0]} was not part of the build" if extra else None
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(
+        path.relative_to(folder).as_posix()
+        for path in folder.rglob("*")
+        if path.is_file() and path.name != MANIFEST_NAME
+    )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

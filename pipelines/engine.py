@@ -14,7 +14,6 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +30,12 @@ from .families import (
 )
 from .fields import REQUEST_FIELDS, unit_fields
 from .hub import cached_locally, cached_revision, hub_reachable
+from .map_cache import MapCache
+from .model_check import describe_load_failure, without_paths
 from .recipe import Recipe
 from .requests import GenerationRequest, GenerationResult, ProgressCallback
 from .schedulers import get_scheduler_spec
-from .settings import cache_dir, env_choice, env_text
+from .settings import BUDGETS, cache_dir, env_choice, env_text
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class Engine:
         lora_hotswap_rank: int | None = None,
         compile_unet: bool = False,
         map_cache_size: int = 64,
+        map_cache_bytes: int | None = None,
     ):
         self.family = family
         self.cache_root = Path(cache_root) if cache_root else cache_dir()
@@ -113,14 +115,18 @@ class Engine:
         self._lock = threading.RLock()
         self._controlnets: dict[str, Any] = {}
         self._controlnet_revisions: dict[str, str | None] = {}
-        self._map_cache: OrderedDict[tuple, Any] = OrderedDict()
-        self._map_cache_size = map_cache_size
-        self._map_cache_lock = threading.Lock()
+        # Bounded by bytes as well as count (STENCIL_MAP_CACHE_MB): one large map can
+        # hold as much memory as a hundred small ones.
+        self._map_cache = MapCache(
+            BUDGETS.map_cache_bytes if map_cache_bytes is None else map_cache_bytes,
+            max_entries=map_cache_size,
+        )
         self.base, self.base_revision = self._load_base()
         # Weights for every preprocessor are found (or stand-ins built) now, at start-up,
         # so that building the page or reporting status never downloads or writes.
         self.preprocessor_weights_by_control = self._resolve_preprocessors()
         self.loras = self._open_lora_library(lora_folder, lora_hotswap_rank)
+        self._smoke_test()
         if compile_unet:
             self._compile_unet()
 
@@ -139,7 +145,7 @@ class Engine:
                 return cls(default, **kwargs)
             except ModelLoadError as exc:
                 log.warning("falling back to the tiny model: %s", exc)
-                notice = f"{default.label} could not be loaded ({exc}); " + notice
+                notice = f"{exc}. " + notice
         return cls(FAMILIES["tiny"], notice=notice, **kwargs)
 
     def _load_base(self):
@@ -153,10 +159,11 @@ class Engine:
             options.update(safety_checker=None, requires_safety_checker=False)
         try:
             pipe = pipeline_class.from_pretrained(source, **options)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(
-                f"could not load {self.family.label} from {source}: {exc}"
-            ) from exc
+        except Exception as exc:  # SafetensorError, OSError, ValueError, KeyError ...
+            # The operator's log gets the path and the whole error; the message, one line.
+            log.error("could not load %s from %s: %s", self.family.label, source, exc)
+            why = describe_load_failure(source, exc)
+            raise ModelLoadError(f"{self.family.label} could not be loaded: {why}") from exc
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         return pipe, cached_revision(source, "model_index.json")
@@ -197,11 +204,25 @@ class Engine:
                     net = model_class.from_pretrained(
                         source, torch_dtype=self.dtype, use_safetensors=True
                     )
-                except (OSError, ValueError) as exc:
-                    raise ModelLoadError(f"could not load ControlNet {source}: {exc}") from exc
+                except Exception as exc:
+                    log.error("could not load ControlNet %s from %s: %s", ref, source, exc)
+                    why = _component_failure(source, exc)
+                    raise ModelLoadError(f"ControlNet {ref!r} could not be loaded: {why}") from exc
                 self._controlnets[ref] = net.to(self.device)
                 self._controlnet_revisions[ref] = cached_revision(source, "config.json")
             return self._controlnets[ref]
+
+    def _smoke_test(self) -> None:
+        """One step at a small size through the whole path, at start: a component that
+        loads but cannot run (a damaged tokenizer, a mismatched config) fails here, with a
+        message, instead of at the first user's request."""
+        request = GenerationRequest("smoke test", seed=0, steps=1, width=64, height=64)
+        try:
+            self.generate(request)
+        except Exception as exc:
+            log.exception("%s loaded but failed a one-step generation", self.family.label)
+            why = describe_load_failure(self.family.locate(self.cache_root), exc)
+            raise ModelLoadError(f"{self.family.label} loaded but cannot generate: {why}") from exc
 
     def _resolve_preprocessors(self) -> dict[str, str]:
         from . import controls
@@ -245,17 +266,13 @@ class Engine:
 
         image = to_rgb(unit.image)
         key = (image_sha256(image), unit.control_type, unit.resolution, unit.params)
-        with self._map_cache_lock:
-            if key in self._map_cache:
-                self._map_cache.move_to_end(key)
-                return self._map_cache[key]
+        cached = self._map_cache.get(key)
+        if cached is not None:
+            return cached
         control_map = controls.make_map(
             unit.control_type, image, unit.resolution, unit.param_dict, device=self.device
         )
-        with self._map_cache_lock:
-            self._map_cache[key] = control_map
-            while len(self._map_cache) > self._map_cache_size:
-                self._map_cache.popitem(last=False)
+        self._map_cache.put(key, control_map)
         return control_map
 
     # ---- generation ------------------------------------------------------------------
@@ -275,7 +292,7 @@ class Engine:
         seeds = tuple(seed + index for index in range(request.num_images))
         prompt, loras = self._split_lora_tags(request)
         width, height = self._output_size(request)
-        maps = tuple(self.control_map(unit) for unit in request.controls)
+        maps = self._control_maps(request.controls, cancel)
         warnings = self._prompt_warnings(prompt, request.negative_prompt)
         with self._acquire(cancel):
             applied_loras = self._activate_loras(loras, request.session_id)
@@ -291,6 +308,15 @@ class Engine:
             warnings=tuple(warnings),
             seconds=time.perf_counter() - started,
         )
+
+    def _control_maps(self, units, cancel: CancelToken) -> tuple:
+        """Each unit's map, checking Stop before each: preprocessing can take seconds."""
+        maps = []
+        for position, unit in enumerate(units, 1):
+            if cancel.cancelled:
+                raise GenerationCancelled(f"stopped before making control map {position}")
+            maps.append(self.control_map(unit))
+        return tuple(maps)
 
     @contextmanager
     def _acquire(self, cancel: CancelToken):
@@ -483,6 +509,18 @@ def _quiet_diffusers():
         yield
     finally:
         diffusers_logging.set_verbosity(previous)
+
+
+def _component_failure(source: str, error: BaseException) -> str:
+    from .model_check import safetensors_problem
+
+    folder = Path(source)
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.safetensors")):
+            problem = safetensors_problem(path)
+            if problem is not None:
+                return f"{path.name} {problem}"
+    return f"{type(error).__name__}: {without_paths(str(error)).splitlines()[0][:300]}"
 
 
 def _random_seed() -> int:

@@ -64,6 +64,17 @@ class GenerationCancelled(StencilError):
     """The request was stopped by its owner; no image is produced."""
 
 
+def megabytes(size: int) -> str:
+    """A byte count as people read it in limits: "20 MB", "20.5 MB" (MB of 2**20 bytes),
+    "64 KB", "10 bytes"."""
+    if size < 2**10:
+        return f"{size} bytes"
+    if size < 2**20:
+        return f"{size / 2**10:.0f} KB"
+    value = size / 2**20
+    return f"{value:.0f} MB" if value >= 10 or value.is_integer() else f"{value:.1f} MB"
+
+
 def _short_repr(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

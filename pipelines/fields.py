@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .errors import InvalidRequestError, UnknownNameError
-from .settings import LIMITS
+from .settings import BUDGETS, LIMITS
 
 Kind = Literal["int", "float", "bool", "choice", "text", "image"]
 _KINDS = ("int", "float", "bool", "choice", "text", "image")
@@ -211,7 +211,7 @@ class Field:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise self.error(value)
         if not math.isfinite(value):
-            raise self.error(value, "must be a finite " + self.describe().removeprefix("a "))
+            raise self.error(value)  # NaN and infinities are outside every range
         if self.kind == "int":
             # JSON clients and sliders send 20.0 for 20: accept whole floats, refuse 20.5.
             if not (isinstance(value, numbers.Integral) or float(value).is_integer()):
@@ -401,18 +401,25 @@ REQUEST_FIELDS: tuple[Field, ...] = (
 
 NO_CONTROL = "none"
 
+# The highest detection resolution at which a square image's map fits the map budget
+# (STENCIL_MAX_MAP_PIXELS: 1024 by default), in the slider's steps of 64, at most 2048.
+# An elongated image can still exceed the budget below this; the preprocessor then refuses
+# and names the highest resolution that fits it.
+MAX_DETECTION_RESOLUTION = min(2048, math.isqrt(BUDGETS.max_map_pixels) // 64 * 64)
+
 DETECTION_RESOLUTION = Field(
     "control_resolution",
     "Detection resolution (short side)",
     "int",
     512,
     minimum=64,
-    maximum=2048,
+    maximum=MAX_DETECTION_RESOLUTION,
     step=64,
     group="unit-settings",
     attr="resolution",
     recipe="resolution",
-    help="The preprocessor works at this short side; the map is then fitted to the image.",
+    help=f"The preprocessor works at this short side (a map holds at most"
+    f" {BUDGETS.max_map_pixels / 1e6:.1f} megapixels); the map is then fitted to the image.",
 )
 
 

@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .errors import InvalidRequestError
-from .fields import NO_CONTROL, REQUEST_FIELDS, Field, unit_fields
+from .errors import InvalidRequestError, StencilError
+from .fields import LORA_WEIGHT, NO_CONTROL, REQUEST_FIELDS, Field, unit_fields
 
 CONTROL_UNITS = 2
 
@@ -147,7 +147,36 @@ def values_from_recipe(fields: tuple[FormField, ...], recipe) -> dict[str, Any]:
 
     The LoRA text comes from the applied set; control images are not recorded (the user
     uploads them again), and fields of a control type the unit does not use are left out.
+    Every value is checked against its field first: a recipe with one bad value restores
+    nothing (RecipeError names the field), so the page is never half restored.
     """
+    from .recipe import RecipeError
+
+    try:
+        _check_lora_text(recipe)
+        values = _recorded_values(fields, recipe)
+        by_key = {item.key: item for item in fields}
+        for key, value in values.items():
+            if key != "loras":
+                by_key[key].spec.parse(value)
+    except StencilError as exc:
+        raise RecipeError(f"the recipe cannot be restored: {exc}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise RecipeError(
+            f"the recipe cannot be restored: an entry is malformed ({type(exc).__name__}: {exc})"
+        ) from None
+    return values
+
+
+def _check_lora_text(recipe) -> None:
+    for lora in recipe.loras:
+        name = lora["name"]
+        if not isinstance(name, str) or not name or any(c in name for c in ",:<>"):
+            raise InvalidRequestError("loras", name, "a LoRA name without ',', ':', '<', '>'")
+        LORA_WEIGHT.validate(lora["weight"])
+
+
+def _recorded_values(fields: tuple[FormField, ...], recipe) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for item in fields:
         spec = item.declared

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ImageError, megabytes
 from .settings import LIMITS
 
 # Checked against the header, before any pixel is decoded: a few KB of PNG can declare
@@ -161,7 +161,7 @@ def _allowed_list() -> str:
 
 def _check_bytes(size: int, max_bytes: int) -> None:
     if size > max_bytes:
-        raise ImageError(f"image file is {size / 1e6:.1f} MB; the limit is {max_bytes / 1e6:g} MB")
+        raise ImageError(f"image file is {megabytes(size)}; the limit is {megabytes(max_bytes)}")
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:

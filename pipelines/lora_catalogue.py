@@ -28,6 +28,8 @@ from .errors import InvalidRequestError, LoraRejectedError, UnknownNameError
 from .lora_files import LoraFileReport, MiB, SafetensorsFile, read_safetensors
 from .lora_text import NameAndWeight, check_unique, split_lora_string, split_prompt_lora_tags
 from .requests import LoraChoice
+from .settings import cache_dir
+from .storage import prune_older_than
 
 CATALOGUE_FILE = "catalog.json"
 FAMILY_LABELS = {"sd15": "SD 1.5", "sdxl": "SDXL", "tiny": "the tiny test model"}
@@ -35,6 +37,9 @@ NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,79}")
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 UPLOAD_PREFIX = "upload-"
+# A stored upload belongs to the sessions that uploaded it and goes when the last one
+# closes. A file this old was left by a run that ended without closing its sessions.
+STALE_UPLOAD_S = 86400
 
 
 class CatalogueError(ValueError):
@@ -110,6 +115,8 @@ class LoraEntry:
             "source": self.source_kind,
             "sha256": report.sha256 if report is not None else None,
         }
+        if report is not None and report.skipped_layers:  # layers this model lacks
+            applied["skipped_layers"] = list(report.skipped_layers)
         if self.hub is not None:
             applied.update(
                 repo_id=self.hub.repo_id,
@@ -141,17 +148,23 @@ class LoraCatalogue:
         *,
         max_upload_bytes: int,
         max_uploads_per_session: int = 8,
+        max_stored_bytes: int | None = None,
         uploads_dir: Path | None = None,
     ):
         self.folder = Path(folder).resolve()
         self.base_tag = base_tag
         self.max_upload_bytes = max_upload_bytes
         self.max_uploads_per_session = max_uploads_per_session
+        # All sessions' stored uploads together (STENCIL_LORA_UPLOADS_MAX_MB); None: no cap.
+        self.max_stored_bytes = max_stored_bytes
         self._listed = MappingProxyType(load_catalogue(self.folder))  # read-only after start
         # Guarded by _lock: the UI lists and uploads from its own threads.
         self._lock = threading.Lock()
         self._uploads: dict[str, dict[str, LoraEntry]] = {}
-        self._uploads_dir = Path(uploads_dir) if uploads_dir is not None else None
+        self._stored_sizes: dict[str, int] = {}  # sha256 -> bytes, of files sessions hold
+        # One folder under Stencil's cache, reused by every start.
+        self._uploads_dir = Path(uploads_dir) if uploads_dir else cache_dir() / "lora-uploads"
+        prune_older_than(self._uploads_dir, STALE_UPLOAD_S)
 
     # ---- lookups
 
@@ -241,15 +254,17 @@ class LoraCatalogue:
         """
         session_id = upload.session_id
         name = f"{UPLOAD_PREFIX}{_session_tag(session_id)}-{_name_stem(upload.filename)}"
-        self._store_upload(upload.file.data, upload.file.sha256)
+        sha256 = upload.file.sha256
         entry = LoraEntry(
             name=name,
             display_name=upload.display_name,
             base=self.base_tag,
             licence="uploaded by the user",
-            upload_sha256=upload.file.sha256,
+            upload_sha256=sha256,
             session_id=session_id,
         )
+        # Stored under the lock, so a closing session cannot delete the file between our
+        # write and our claim on it (writing a LoRA takes a fraction of a second).
         with self._lock:
             session = self._uploads.setdefault(session_id, {})
             if name not in session and len(session) >= self.max_uploads_per_session:
@@ -258,19 +273,48 @@ class LoraCatalogue:
                     upload.display_name,
                     f"a session may hold {self.max_uploads_per_session} uploaded LoRAs",
                 )
+            self._check_room(sha256, len(upload.file.data), upload.display_name)
+            self._store_upload(upload.file.data, sha256)
+            self._stored_sizes[sha256] = len(upload.file.data)
             session[name] = entry
         return entry
 
-    def forget_session(self, session_id: str) -> None:
-        """Drop a session's uploads from lookups (the stored files may serve other sessions)."""
+    def forget_session(self, session_id: str) -> list[Path]:
+        """Drop a session's uploads from lookups, and delete the stored files no other
+        session holds. Returns the deleted files."""
         with self._lock:
             self._uploads.pop(session_id, None)
+            held = {e.upload_sha256 for s in self._uploads.values() for e in s.values()}
+            deleted = []
+            for sha256 in [h for h in self._stored_sizes if h not in held]:
+                del self._stored_sizes[sha256]
+                path = self.upload_path(sha256)
+                path.unlink(missing_ok=True)
+                deleted.append(path)
+        return deleted
+
+    def stored_bytes(self) -> int:
+        """Bytes of the uploaded files that sessions hold now."""
+        with self._lock:
+            return sum(self._stored_sizes.values())
+
+    def _check_room(self, sha256: str, size: int, display_name: str) -> None:
+        """Refuse an upload that would take the stored uploads past their budget."""
+        if self.max_stored_bytes is None or sha256 in self._stored_sizes:
+            return  # already stored for another session: it costs nothing more
+        if sum(self._stored_sizes.values()) + size > self.max_stored_bytes:
+            raise LoraRejectedError(
+                display_name,
+                f"the server holds {self.max_stored_bytes / MiB:.0f} MB of uploaded LoRAs,"
+                " its limit; try again when other sessions have closed",
+            )
 
     def upload_path(self, sha256: str) -> Path:
         """Where the upload with this content hash is stored."""
         return self._uploads_folder() / f"{sha256}.safetensors"
 
     def _store_upload(self, data: bytes, sha256: str) -> None:
+        """Write the file under its hash unless it is there; the caller holds the lock."""
         path = self.upload_path(sha256)
         if not path.is_file():
             # Written aside, then renamed: a reader never sees half a file under the hash.
@@ -280,11 +324,8 @@ class LoraCatalogue:
             os.replace(tmp, path)
 
     def _uploads_folder(self) -> Path:
-        with self._lock:
-            if self._uploads_dir is None:
-                self._uploads_dir = Path(tempfile.mkdtemp(prefix="stencil-lora-uploads-"))
-            self._uploads_dir.mkdir(parents=True, exist_ok=True)
-            return self._uploads_dir
+        self._uploads_dir.mkdir(parents=True, exist_ok=True)
+        return self._uploads_dir
 
 
 # --------------------------------------------------------------------------------------

@@ -1,18 +1,23 @@
 """Checks a LoRA file before any of it reaches the model.
 
-Two stages, both before `load_lora_weights` is called:
+Three stages, all before `load_lora_weights` is called:
 
 1. `read_safetensors` checks the bytes: a safetensors header whatever the file is called
    (pickles and zip archives are named as such and never unpickled), a bounded header that
    parses, known dtypes, and every tensor's bytes inside the file and of the size its shape
    and dtype say.
-2. `check_lora_keys` converts the keys with diffusers' own machinery (the same functions its
-   loader uses, so kohya/A1111 files are read the way they will be loaded) and checks that
-   every target layer exists in the model and that the shapes fit. A LoRA for another base
-   model, or one that matches no layer, is refused: diffusers would otherwise load it as a
-   silent no-op, or fail half-way through with the adapter half-injected.
+2. `check_lora_values` checks the numbers: floating point, rank 1 or more, every weight
+   finite and of a size float16 can carry, every alpha finite and positive, and each layer's
+   update bounded (NaN, inf or huge weights otherwise give a silent black image). It needs
+   no model, so an upload is checked on arrival even before a model is bound.
+3. `check_lora_keys` runs stage 2 on the tensors it decodes (each is read once), then
+   converts the keys with diffusers' own machinery (the same functions its loader uses, so
+   kohya/A1111 files are read the way they will be loaded) and checks that every target
+   layer exists in the model and that the shapes fit. A LoRA for another base model, or one
+   that matches no layer, is refused: diffusers would otherwise load it as a silent no-op,
+   or fail half-way through with the adapter half-injected.
 
-The model side of stage 2 is a `ModelSignature`: the LoRA-able layers' names and shapes,
+The model side of stage 3 is a `ModelSignature`: the LoRA-able layers' names and shapes,
 taken once from the pipeline, so that uploads can be checked without touching the model.
 """
 
@@ -20,14 +25,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import LoraRejectedError
+from .errors import LoraRejectedError, StencilError
+from .lycoris_formats import (
+    CONVERTIBLE_PARAMS,
+    FORMAT_NAMES,
+    LayerMisfitError,
+    convert_to_exact_lora,
+    group_by_module,
+    has_varying_scales,
+    lycoris_kind,
+    module_names,
+)
+from .model_check import without_paths
+
+logger = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 # A LoRA header lists a few thousand tensors (~1 MB); 50 MB leaves room and bounds the parse.
@@ -43,19 +62,51 @@ DTYPE_BYTES = {
 }  # fmt: skip
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 
+# The largest finite float16: CUDA runs the model in float16, where anything above is inf.
+FLOAT16_MAX = 65504.0
+# No LoRA weight may be larger than this: 256 * 256 = 65536, so a weight of 256 times an
+# activation of 256 is already beyond float16. Trained LoRA weights stay within a few units;
+# the random LoRAs shipped for the tiny model, strong on purpose, reach 21.
+MAX_LORA_WEIGHT = 256.0
+# Nor may a layer's update, scale * B @ A, have entries above this. Each entry is bounded
+# from the two matrices alone (see `_check_update`), times max(1, scale): peft computes
+# B(A x) in the model's dtype and applies the scale after, so the unscaled product must fit
+# too. 64 * 4 (the largest request weight) * 256 = 65536: at the bound, one term of the
+# update stays within float16 for activations up to 256. The bound cannot promise more:
+# whether the rest of the network overflows depends on the layer and the input (on the
+# random tiny model in float16, tiny-watercolor's feed-forward update scaled to 61 gave a
+# black image, tiny-faded's attention update scaled to 152 did not). The strongest shipped
+# file is at 30 (tiny-faded), trained LoRAs far lower, a file with every weight x100 in the
+# tens of thousands. Refused, never clamped: a clamped LoRA is not the file its author made.
+# A file within the bounds that still overflows spoils only its own request: no adapter
+# outside a request's set can reach its image (see pipelines.adapters).
+MAX_LORA_UPDATE = 64.0
+
+# What peft's LoraConfig takes for lora_alpha when adapter metadata names none.
+_PEFT_DEFAULT_ALPHA = 8
+
 # Keys of adapter kinds that diffusers' SD loaders cannot apply faithfully.
 _UNSUPPORTED_KEY_MARKERS = {
     "dora_scale": "DoRA weights (dora_scale), which diffusers drops with only a warning",
     "lora_magnitude_vector": "DoRA weights (lora_magnitude_vector)",
-    "hada_": "LoHa weights (a LyCORIS variant, not a LoRA)",
-    "lokr_": "LoKr weights (a LyCORIS variant, not a LoRA)",
-    "lora_mid": "LoCon CP-decomposition weights (lora_mid)",
-    ".diff": "full weight differences (.diff)",
+    # kohya-named LoHa, LoKr, Tucker LoCon and .diff files are converted exactly
+    # (pipelines.lycoris_formats); these are the layouts that are not.
+    "hada_": "LoHa weights Stencil does not convert (Tucker cores hada_t1/hada_t2, or names"
+    " that are not kohya's)",
+    "lokr_": "LoKr weights Stencil does not convert (a Tucker core lokr_t2, or names that are"
+    " not kohya's)",
+    "lora_mid": "LoCon CP-decomposition weights (lora_mid) under names that are not kohya's",
+    ".diff": "full weight differences (.diff) under names that are not kohya's",
 }
 
 # Cross-attention width -> the base it belongs to; used to name the base a LoRA was made for.
 _KNOWN_CONTEXT_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+# A kohya/LyCORIS file naming layers this model lacks is applied without them when more
+# than this share of its layers exist here and fit (extracted, merged or pruned files name
+# a few extra layers). Fewer means it was made for another network: SD 2.x files share SD
+# 1.x's names but not its shapes (refused on shape), SDXL ones mostly name other blocks.
+MIN_MATCHED_FRACTION = 0.5
 _SGM_BLOCKS = ("_input_blocks_", "_output_blocks_", "_middle_block_")
 
 
@@ -143,15 +194,63 @@ class LoraFileReport:
     # Whether peft builds this adapter's config without per-layer alpha overrides and with
     # default dropout/rslora/dora; hotswap can only swap such adapters into a slot.
     hotswap_compatible_config: bool = True
+    # The file's format when it is not what diffusers loads as is: it is then converted to
+    # an exact standard LoRA (pipelines.lycoris_formats) before loading.
+    converted_from: str | None = None
+    # kohya names of the layers the file has and this model lacks: left out, and said so.
+    skipped_layers: tuple[str, ...] = ()
+    # Layers whose change is carried whole (against an identity): exact, but as large as
+    # the layer itself.
+    full_size_layers: int = 0
+    # The scale peft must give each layer (component -> module -> alpha / rank); checked
+    # after every load (`verify_loaded_scales`).
+    module_scales: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+    @property
+    def format_name(self) -> str:
+        return FORMAT_NAMES.get(self.converted_from or self.layout, self.layout)
 
     def describe(self) -> dict[str, Any]:
+        scales = {s for per_module in self.module_scales.values() for s in per_module.values()}
         return {
             "layout": self.layout,
+            "format": self.format_name,
             "ranks": list(self.ranks),
             "alphas": list(self.alphas),
+            "alpha_handling": self._alpha_handling(scales),
             "targets": list(self.targets),
             "layers": sum(len(names) for names in self.modules.values()),
+            "skipped_layers": list(self.skipped_layers),
+            "verdict": self.verdict(),
+            "exact": True,  # every accepted file is applied exactly (or refused)
+            "full_size_layers": self.full_size_layers,
+            # Hotswap (a compiled UNet) swaps UNet attention layers of one config; the rank
+            # must also fit the slots' (see pipelines.adapters.HotswapSlots).
+            "hotswap_compatible": self.hotswap_compatible_config
+            and self.targets == ("unet",)
+            and all(".attentions." in m for m in self.modules.get("unet", ())),
         }
+
+    def verdict(self) -> str:
+        """One line for users: what the file is and how it will be applied."""
+        layers = sum(len(names) for names in self.modules.values())
+        ranks = "-".join(str(r) for r in sorted({self.ranks[0], self.ranks[-1]}))
+        text = f"{self.format_name}, rank {ranks}, {layers} layers on {', '.join(self.targets)}"
+        text += "; applied exactly"
+        if self.converted_from is not None:
+            text += " (converted to a standard LoRA)"
+        if self.full_size_layers:
+            text += f"; {self.full_size_layers} layers carried at full size"
+        if self.skipped_layers:
+            text += f"; {len(self.skipped_layers)} layers this model lacks are skipped"
+        return text
+
+    def _alpha_handling(self, scales: set[float]) -> str:
+        if self.converted_from is not None:
+            return "alpha / rank folded into each layer's up matrix (exact, scale 1 loaded)"
+        if len(scales) <= 1:
+            return f"one scale for every layer ({next(iter(scales), 1.0):g})"
+        return "per-layer scales from the adapter metadata"
 
 
 # --------------------------------------------------------------------------------------
@@ -299,13 +398,233 @@ def _is_count(value: Any) -> bool:
 
 
 # --------------------------------------------------------------------------------------
-# Stage 2: the keys, against the model
+# Stage 2: the values, model-free
+
+# How the two halves of a LoRA pair are named: (down suffix, up suffix), by layout.
+_PAIR_SUFFIXES = (
+    (".lora_A.weight", ".lora_B.weight"),  # peft / diffusers
+    (".lora_down.weight", ".lora_up.weight"),  # kohya / A1111
+    (".down.weight", ".up.weight"),  # diffusers' older attention-processor names
+)
+
+
+@dataclass(frozen=True)
+class _Half:
+    """The size of one matrix of a pair: what bounding the pair's update needs."""
+
+    key: str
+    rank: int
+    peak: float  # the largest |value|
+    rank_sum: float  # the largest sum of |values| along the rank dimension
+
+
+def check_lora_values(
+    file: SafetensorsFile, *, name: str, tensors: Mapping[str, Any] | None = None
+) -> None:
+    """Refuse a file whose numbers would break the image: non-float tensors, rank 0, NaN or
+    inf anywhere, weights or updates too large for float16, alphas that are not finite and
+    positive. `tensors` are the file's tensors if the caller has decoded them already;
+    otherwise they are read here, with safetensors (never unpickled)."""
+    for key, info in file.tensors.items():
+        _check_value_header(name, key, info)
+    if tensors is None:
+        from safetensors.torch import load as load_tensors
+
+        tensors = load_tensors(file.data)
+    kohya_alphas: dict[str, float] = {}
+    pairs: dict[str, dict[str, _Half]] = {}
+    for key, tensor in tensors.items():
+        if key.endswith(".alpha"):
+            kohya_alphas[key.removesuffix(".alpha")] = _checked_alpha(name, key, tensor)
+            continue
+        magnitudes, peak = _checked_magnitudes(name, key, tensor)
+        half = _split_half(key)
+        if half is not None and tensor.ndim >= 2:
+            prefix, side = half
+            pairs.setdefault(prefix, {})[side] = _measure_half(key, side, magnitudes, peak)
+    metadata = _parse_adapter_metadata(name, file.metadata) or {}
+    _check_metadata_alphas(name, metadata)
+    for prefix, halves in pairs.items():
+        down, up = halves.get("down"), halves.get("up")
+        if down is None or up is None or down.rank != up.rank:
+            continue  # not a pair: stage 3 names what is wrong with it
+        _check_update(name, down, up, _pair_scale(prefix, down.rank, kohya_alphas, metadata))
+
+
+def _check_float_dtype(name: str, key: str, info: TensorInfo) -> None:
+    if info.dtype not in FLOAT_DTYPES:
+        raise LoraRejectedError(
+            name, f"tensor {key!r} has dtype {info.dtype}; LoRA weights are floating point"
+        )
+
+
+def _check_single_number(name: str, key: str, info: TensorInfo) -> None:
+    if info.shape not in {(), (1,)}:
+        raise LoraRejectedError(name, f"alpha {key!r} is not a single number")
+
+
+def _check_value_header(name: str, key: str, info: TensorInfo) -> None:
+    """What the header alone says about the values: their dtype, and no empty dimension."""
+    _check_float_dtype(name, key, info)
+    if key.endswith(".alpha"):
+        _check_single_number(name, key, info)
+    elif 0 in info.shape:
+        # A rank-0 pair has a zero dimension: it holds no weights, and diffusers only fails
+        # on it at load time.
+        raise LoraRejectedError(
+            name,
+            f"tensor {key!r} has shape {info.shape}, with a zero dimension: a LoRA needs"
+            " rank 1 or more",
+        )
+
+
+def _checked_magnitudes(name: str, key: str, tensor: Any) -> tuple[Any, float]:
+    """|tensor| and its largest value, once every value is finite and at most
+    MAX_LORA_WEIGHT in size."""
+    magnitudes = tensor.abs()
+    peak = float(magnitudes.max())  # NaN propagates through max: one pass finds it too
+    if math.isfinite(peak) and peak <= MAX_LORA_WEIGHT:
+        return magnitudes, peak
+    value = _extreme_value(tensor)
+    if not math.isfinite(value):
+        raise LoraRejectedError(
+            name, f"tensor {key!r} holds {value:g}; every LoRA weight must be a finite number"
+        )
+    raise LoraRejectedError(
+        name,
+        f"tensor {key!r} holds {value:g}; LoRA weights must stay within"
+        f" ±{MAX_LORA_WEIGHT:g}, beyond which float16 overflows",
+    )
+
+
+def _extreme_value(tensor: Any) -> float:
+    """The tensor's NaN if it has one, else its value of largest magnitude, with its sign."""
+    import torch
+
+    flat = tensor.flatten().float()
+    if bool(torch.isnan(flat).any()):
+        return math.nan
+    return float(flat[flat.abs().argmax()])
+
+
+def _split_half(key: str) -> tuple[str, str] | None:
+    """(pair prefix, "down" or "up") for a key that is one half of a LoRA pair."""
+    for down, up in _PAIR_SUFFIXES:
+        if key.endswith(down):
+            return key.removesuffix(down), "down"
+        if key.endswith(up):
+            return key.removesuffix(up), "up"
+    return None
+
+
+def _measure_half(key: str, side: str, magnitudes: Any, peak: float) -> _Half:
+    import torch
+
+    # down is (rank, in, ...), up is (out, rank, ...); sums in float32 cannot overflow.
+    rank_dim = 0 if side == "down" else 1
+    rank_sums = magnitudes.sum(dim=rank_dim, dtype=torch.float32)
+    return _Half(key, rank=magnitudes.shape[rank_dim], peak=peak, rank_sum=float(rank_sums.max()))
+
+
+def _checked_alpha(name: str, key: str, tensor: Any) -> float:
+    value = float(tensor.reshape(-1)[0])
+    _check_alpha_value(name, f"alpha {key!r}", value)
+    return value
+
+
+def _check_alpha_value(name: str, what: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        why = "it is not a number"
+    elif not math.isfinite(value):
+        why = "it is not a finite number"
+    elif value == 0:
+        # kohya reads alpha 0 as "alpha = rank"; diffusers as a scale of 0, a silent no-op.
+        why = "diffusers would apply the LoRA at scale 0, i.e. not at all"
+    elif value < 0:
+        why = "a negative alpha turns the LoRA's effect around"
+    elif value > FLOAT16_MAX:
+        why = f"it is beyond float16's largest value, {FLOAT16_MAX:g}"
+    else:
+        return
+    shown = f"{value:g}" if isinstance(value, (int, float)) else repr(value)
+    raise LoraRejectedError(
+        name, f"{what} is {shown}: {why}; alpha must be a finite number above 0"
+    )
+
+
+def _check_metadata_alphas(name: str, metadata: Mapping[str, Any]) -> None:
+    for key, value in metadata.items():
+        if key.endswith(".lora_alpha"):
+            _check_alpha_value(name, f"adapter metadata {key!r}", value)
+        elif key.endswith(".alpha_pattern") and isinstance(value, dict):
+            for pattern, alpha in value.items():
+                _check_alpha_value(name, f"adapter metadata {key!r} for {pattern!r}", alpha)
+
+
+def _pair_scale(
+    prefix: str, rank: int, kohya_alphas: Mapping[str, float], metadata: Mapping[str, Any]
+) -> float:
+    """The scale diffusers will give the pair: its kohya alpha, else its adapter metadata's
+    alpha, else alpha = rank (what diffusers assumes without either), over the rank."""
+    if prefix in kohya_alphas:
+        return kohya_alphas[prefix] / rank
+    component, _, module = prefix.partition(".")
+    meta = {
+        k.removeprefix(f"{component}."): v
+        for k, v in metadata.items()
+        if k.startswith(f"{component}.")
+    }
+    if not meta:
+        return 1.0
+    patterns = meta.get("alpha_pattern")
+    patterns = patterns if isinstance(patterns, dict) else {}
+    matched = [alpha for pattern, alpha in patterns.items() if _pattern_matches(pattern, module)]
+    alpha = matched[0] if matched else meta.get("lora_alpha", _PEFT_DEFAULT_ALPHA)
+    divisor = math.sqrt(rank) if meta.get("use_rslora") else rank
+    return float(alpha) / divisor
+
+
+def _check_update(name: str, down: _Half, up: _Half, scale: float) -> None:
+    # Every entry of B @ A is a sum over the rank: |sum_k B[i,k] A[k,j]| is at most
+    # (sum_k |B[i,k]|) * max|A| and at most max|B| * (sum_k |A[k,j]|). Both bounds come from
+    # one pass over each matrix; the full product would cost out x in x rank per layer.
+    entry_bound = min(up.rank_sum * down.peak, up.peak * down.rank_sum)
+    estimate = entry_bound * max(1.0, scale)
+    if estimate > MAX_LORA_UPDATE:
+        raise LoraRejectedError(
+            name,
+            f"the update of {up.key!r} and {down.key!r} (rank {down.rank}, scale"
+            f" {scale:g}) can reach {estimate:.3g} per weight, above the"
+            f" {MAX_LORA_UPDATE:g} that float16 carries safely",
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Stage 3: the keys, against the model
 
 
 def check_lora_keys(
     file: SafetensorsFile, signature: ModelSignature, *, name: str
 ) -> LoraFileReport:
-    """Convert the keys as diffusers will and check each target layer exists and fits."""
+    """Check the values (stage 2), then convert the keys as diffusers will and check each
+    target layer exists and fits. Whatever goes wrong is the file's refusal, with a reason."""
+    try:
+        return _check_lora_keys(file, signature, name=name)
+    except StencilError:
+        raise
+    except Exception as exc:  # a file no check foresaw: still the file's fault, and said so
+        raise _unforeseen(name, exc) from exc
+
+
+def _unforeseen(name: str, exc: Exception) -> LoraRejectedError:
+    logger.exception("unexpected failure while checking LoRA %r", name)
+    reason = f"it cannot be read as a LoRA ({type(exc).__name__}: {without_paths(str(exc))})"
+    return LoraRejectedError(name, reason)
+
+
+def _check_lora_keys(
+    file: SafetensorsFile, signature: ModelSignature, *, name: str
+) -> LoraFileReport:
     from safetensors.torch import load as load_tensors
 
     _check_tensor_kinds(name, file)
@@ -319,6 +638,9 @@ def check_lora_keys(
     adapter_metadata = _parse_adapter_metadata(name, file.metadata)
 
     tensors = load_tensors(file.data)
+    check_lora_values(file, name=name, tensors=tensors)
+    if layout == "kohya" and _needs_exact_conversion(tensors, signature):
+        return _check_converted(name, file, tensors, signature)
     state_dict, network_alphas = _convert_like_diffusers(name, tensors, signature)
     if adapter_metadata and network_alphas:
         raise LoraRejectedError(
@@ -360,7 +682,135 @@ def check_lora_keys(
         param_count=param_count,
         has_adapter_metadata=adapter_metadata is not None,
         hotswap_compatible_config=hotswap_ok,
+        module_scales=_expected_scales(by_component, tensors, adapter_metadata, signature),
     )
+
+
+def _expected_scales(
+    by_component: Mapping[str, Mapping[str, Any]],
+    tensors: Mapping[str, Any],
+    adapter_metadata: Mapping[str, Any] | None,
+    signature: ModelSignature,
+) -> dict[str, dict[str, float]]:
+    """The scale each layer must load with: its kohya alpha / rank (found by the layer's
+    own kohya name, not through diffusers' conversion), else what the metadata says."""
+    kohya_alphas = {
+        names[prefix]: float(params["alpha"].reshape(-1)[0])
+        for names in [module_names(signature.layers)]
+        for prefix, params in group_by_module(tensors).items()
+        if "alpha" in params and prefix in names
+    }
+    scales: dict[str, dict[str, float]] = {}
+    for component, component_dict in by_component.items():
+        for key, value in component_dict.items():
+            if not key.endswith(".lora_A.weight"):
+                continue
+            module, rank = key.removesuffix(".lora_A.weight"), value.shape[0]
+            alpha = kohya_alphas.get((component, module))
+            scale = (
+                alpha / rank
+                if alpha is not None
+                else _pair_scale(f"{component}.{module}", rank, {}, adapter_metadata or {})
+            )
+            scales.setdefault(component, {})[module] = scale
+    return scales
+
+
+def _needs_exact_conversion(tensors: Mapping[str, Any], signature: ModelSignature) -> bool:
+    """LyCORIS formats, per-module alphas, and files naming layers this model lacks."""
+    groups = group_by_module(tensors)
+    names = module_names(signature.layers)
+    return (
+        lycoris_kind(tensors) is not None
+        or has_varying_scales(groups)
+        or any(prefix not in names for prefix in groups)
+    )
+
+
+def _check_converted(
+    name: str, file: SafetensorsFile, tensors: Mapping[str, Any], signature: ModelSignature
+) -> LoraFileReport:
+    """Convert a kohya/LyCORIS file to its exact standard LoRA and check that, as diffusers
+    will load it; layers the model lacks are skipped while most of the file matches."""
+    kind = lycoris_kind(tensors) or (
+        "kohya-per-module-alpha" if has_varying_scales(group_by_module(tensors)) else "kohya"
+    )
+    skipped: list[str] = []
+    try:
+        # DoRA needs the model's weights, which the check has not: zeros stand in (the
+        # shapes and the bounds of the low-rank part are what is checked here).
+        state, layers = convert_to_exact_lora(
+            tensors,
+            signature.layers,
+            base_weight=_zeros_like_layer(signature),
+            on_skip=skipped.append,
+        )
+    except LayerMisfitError as exc:
+        raise _other_base(name, f"layer {exc} (its shapes do not fit)") from exc
+    what = FORMAT_NAMES.get(kind, kind)
+    total = len(layers) + len(skipped)
+    if not layers:
+        raise LoraRejectedError(
+            name,
+            f"it is a {what} file and matches no layer of this model (e.g. {skipped[0]!r});"
+            " loading it would change nothing",
+        )
+    if len(layers) / total <= MIN_MATCHED_FRACTION:
+        raise _other_base(
+            name,
+            f"only {len(layers)} of its {total} layers exist in this model (more than"
+            f" {MIN_MATCHED_FRACTION:.0%} must), e.g. it names {skipped[0]!r}",
+        )
+    by_component = _split_by_component(name, state, signature)
+    modules: dict[str, frozenset[str]] = {}
+    param_count = 0
+    for component, component_dict in by_component.items():
+        pairs = _pair_lora_weights(name, component, component_dict)
+        _check_targets(name, component, pairs, signature)
+        _check_converted_updates(name, component, pairs)
+        modules[component] = frozenset(pairs)
+        param_count += sum(a.numel() + b.numel() for a, b in pairs.values())
+    alphas = {
+        float(params["alpha"].reshape(-1)[0])
+        for params in group_by_module(tensors).values()
+        if "alpha" in params
+    }
+    return LoraFileReport(
+        sha256=file.sha256,
+        size_bytes=file.size_bytes,
+        layout="kohya",
+        ranks=tuple(sorted({layer.rank for layer in layers})),
+        alphas=tuple(sorted(alphas)),
+        targets=tuple(c for c in signature.layers if c in modules),
+        modules=modules,
+        param_count=param_count,
+        # Scale 1 on every layer; a bias change (full files) makes peft's config differ.
+        hotswap_compatible_config=not any(k.endswith(".lora_B.bias") for k in state),
+        converted_from=kind,
+        skipped_layers=tuple(sorted(skipped)),
+        full_size_layers=sum(not layer.exact_low_rank for layer in layers),
+        module_scales={c: dict.fromkeys(names, 1.0) for c, names in modules.items()},
+    )
+
+
+def _zeros_like_layer(signature: ModelSignature) -> Callable[[str, str], Any]:
+    import torch
+
+    def zeros(component: str, module: str) -> Any:
+        layer = signature.layers[component][module]
+        return torch.zeros(layer.out_features, layer.in_features, *(layer.kernel or ()))
+
+    return zeros
+
+
+def _check_converted_updates(
+    name: str, component: str, pairs: Mapping[str, tuple[Any, Any]]
+) -> None:
+    """The float16 bound of stage 2, on the converted pairs (their scale is folded in)."""
+    for module, (a, b) in pairs.items():
+        down = _measure_half(f"{component}.{module}.lora_A", "down", a.abs(), float(a.abs().max()))
+        up = _measure_half(f"{component}.{module}.lora_B", "up", b.abs(), float(b.abs().max()))
+        _check_update(name, down, up, 1.0)
 
 
 def validate_lora(
@@ -370,30 +820,35 @@ def validate_lora(
     name: str,
     max_bytes: int = MAX_FILE_BYTES,
 ) -> LoraFileReport:
-    """Both stages: the bytes, then the keys against the model."""
-    if isinstance(source, bytes):
-        file = read_safetensors(source, name=name, max_bytes=max_bytes)
-    else:
-        file = read_lora_file(source, name=name, max_bytes=max_bytes)
-    return check_lora_keys(file, signature, name=name)
+    """Every stage: the bytes, the values, then the keys against the model."""
+    try:
+        if isinstance(source, bytes):
+            file = read_safetensors(source, name=name, max_bytes=max_bytes)
+        else:
+            file = read_lora_file(source, name=name, max_bytes=max_bytes)
+        return check_lora_keys(file, signature, name=name)
+    except StencilError:
+        raise
+    except Exception as exc:
+        raise _unforeseen(name, exc) from exc
 
 
 def _check_tensor_kinds(name: str, file: SafetensorsFile) -> None:
     if not file.tensors:
         raise LoraRejectedError(name, "the file holds no tensors")
+    # kohya-named LyCORIS parameters are converted exactly (pipelines.lycoris_formats);
+    # any other kind (LoHa with Tucker cores, OFT, peft DoRA) is refused by name.
+    kohya_named = _detect_layout(file.tensors) == "kohya"
     for key, info in file.tensors.items():
+        convertible = kohya_named and key.partition(".")[2] in CONVERTIBLE_PARAMS
         for marker, what in _UNSUPPORTED_KEY_MARKERS.items():
-            if marker in key:
+            if marker in key and not convertible:
                 raise LoraRejectedError(name, f"it holds {what}, e.g. {key!r}")
         if key.endswith(".alpha"):
-            if info.shape not in {(), (1,)}:
-                raise LoraRejectedError(name, f"alpha {key!r} is not a single number")
+            _check_single_number(name, key, info)
         elif "lora" not in key:
             raise LoraRejectedError(name, f"it is not a LoRA: tensor {key!r} is not a LoRA weight")
-        if info.dtype not in FLOAT_DTYPES:
-            raise LoraRejectedError(
-                name, f"tensor {key!r} has dtype {info.dtype}; LoRA weights are floating point"
-            )
+        _check_float_dtype(name, key, info)
 
 
 def _detect_layout(tensors: Mapping[str, TensorInfo]) -> str:
@@ -416,7 +871,52 @@ def _parse_adapter_metadata(name: str, metadata: Mapping[str, str]) -> dict[str,
         raise LoraRejectedError(name, f"its adapter metadata is not valid JSON ({exc})") from exc
     if not isinstance(parsed, dict):
         raise LoraRejectedError(name, "its adapter metadata is not a JSON object")
+    for key, value in parsed.items():
+        _check_metadata_field(name, key, value)
     return parsed
+
+
+# The LoraConfig fields diffusers' adapter metadata may set, and what each must hold. peft
+# would accept some wrong types and fail later, deep inside a load, with a TypeError.
+_METADATA_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "r": ("a whole number of at least 1", lambda v: _is_whole(v) and v >= 1),
+    "lora_alpha": ("a number", lambda v: _is_number(v)),
+    "lora_dropout": ("a number from 0 to 1", lambda v: _is_number(v) and 0 <= v <= 1),
+    "target_modules": ("a list of layer names", lambda v: _is_names(v)),
+    "rank_pattern": ("an object of whole numbers", lambda v: _is_pattern(v, _is_whole)),
+    "alpha_pattern": ("an object of numbers", lambda v: _is_pattern(v, _is_number)),
+    "use_dora": ("true or false", lambda v: isinstance(v, bool)),
+    "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+def _check_metadata_field(name: str, key: Any, value: Any) -> None:
+    field = key.partition(".")[2] if isinstance(key, str) else None
+    rule = _METADATA_FIELDS.get(field)
+    if rule is not None and not rule[1](value):
+        raise LoraRejectedError(
+            name, f"its adapter metadata {key!r} is {value!r}: it must be {rule[0]}"
+        )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_names(value: Any) -> bool:
+    if isinstance(value, str):
+        return True
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _is_pattern(value: Any, number: Callable[[Any], bool]) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and number(v) for k, v in value.items()
+    )
 
 
 def _convert_like_diffusers(
@@ -696,3 +1196,41 @@ def _as_int(value: Any) -> int | None:
     if isinstance(value, (list, tuple)):  # some UNets list a width per block
         value = value[0] if value else None
     return int(value) if isinstance(value, int) else None
+
+
+def verify_loaded_scales(pipe: Any, adapter: str, report: LoraFileReport, *, name: str) -> None:
+    """After a load: every layer the file targets carries the adapter at the scale the file
+    asks for. peft only logs alphas it cannot place; here a mismatch is a refusal."""
+    wrong: list[str] = []
+    for component, expected in report.module_scales.items():
+        model = getattr(pipe, component)
+        model = getattr(model, "_orig_mod", model)
+        for module, scale in sorted(expected.items()):
+            loaded = _loaded_scale(model, module, adapter)
+            if loaded is None or not _same_scale(loaded, scale):
+                shown = "no adapter" if loaded is None else f"{loaded:g}"
+                wrong.append(f"{component}.{module} ({shown}, the file asks for {scale:g})")
+    if wrong:
+        raise LoraRejectedError(
+            name,
+            f"{len(wrong)} of its layers would be applied at the wrong strength, e.g. {wrong[0]}",
+        )
+
+
+def _same_scale(loaded: float, asked: float) -> bool:
+    # NaN only arrives here when the value checks were bypassed (tests do, on purpose):
+    # then a NaN the file asks for, loaded as NaN, is the file applied as it is.
+    if math.isnan(loaded) or math.isnan(asked):
+        return math.isnan(loaded) and math.isnan(asked)
+    return math.isclose(loaded, asked, rel_tol=1e-5, abs_tol=1e-7)
+
+
+def _loaded_scale(model: Any, module: str, adapter: str) -> float | None:
+    try:
+        layer = model.get_submodule(module)
+    except AttributeError:
+        return None
+    scaling = getattr(layer, "scaling", None)
+    if not isinstance(scaling, dict) or adapter not in scaling:
+        return None
+    return float(scaling[adapter])

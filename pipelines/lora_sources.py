@@ -3,8 +3,9 @@
 A catalogue file lies inside the library folder, an upload under its content hash, a Hub
 entry in the Hugging Face cache (downloaded at first use). Every file passes
 `pipelines.lora_files` against the bound model's `ModelSignature` before diffusers sees it,
-and the resulting `LoraFileReport` is cached by path, size and modification time, so an
-unchanged file is checked once per model.
+and the resulting `LoraFileReport` is cached by path and the file's identity on disk (inode,
+size, modification and change times), so an unchanged file is checked once per model and a
+replaced or rewritten one is checked again before it is loaded.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .lora_files import (
     ModelSignature,
     SafetensorsFile,
     check_lora_keys,
+    check_lora_values,
     validate_lora,
 )
 
@@ -39,14 +41,19 @@ class PreparedLora:
         return self.report.sha256
 
 
+def _identity(stat: os.stat_result) -> tuple[int, ...]:
+    # Size and mtime alone miss a same-size file written in place with its mtime set back
+    # (os.utime); the change time cannot be set back, and a replaced file has a new inode.
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
 @dataclass(frozen=True)
 class _CachedReport:
-    mtime_ns: int
-    size: int
+    identity: tuple[int, ...]
     report: LoraFileReport
 
     def still_holds_for(self, stat: os.stat_result) -> bool:
-        return (self.mtime_ns, self.size) == (stat.st_mtime_ns, stat.st_size)
+        return self.identity == _identity(stat)
 
 
 class LoraSources:
@@ -76,25 +83,43 @@ class LoraSources:
             self._signature = signature
             self._reports.clear()
 
-    def check_upload_keys(self, file: SafetensorsFile, name: str) -> LoraFileReport | None:
-        """Check an upload's keys against the bound model; None before any model is bound
-        (the check then happens at first activation)."""
+    def check_upload(self, file: SafetensorsFile, name: str) -> LoraFileReport | None:
+        """Check an upload's values, and its keys against the bound model. Before any model
+        is bound only the values can be checked: None (the keys are checked at first
+        activation)."""
         with self._lock:
             signature = self._signature
-        return check_lora_keys(file, signature, name=name) if signature else None
+        if signature is None:
+            check_lora_values(file, name=name)
+            return None
+        return check_lora_keys(file, signature, name=name)  # the values first
 
     def remember(self, entry: LoraEntry, report: LoraFileReport) -> None:
         """Cache a report made elsewhere (an upload checked on arrival) for the entry's file."""
         path = self.locate(entry)
         stat = path.stat()
         with self._lock:
-            self._reports[path] = _CachedReport(stat.st_mtime_ns, stat.st_size, report)
+            self._reports[path] = _CachedReport(_identity(stat), report)
+
+    def forget_files(self, paths: Sequence[Path]) -> None:
+        """Drop the reports of files that were deleted (a closed session's uploads)."""
+        with self._lock:
+            for path in paths:
+                self._reports.pop(path, None)
 
     def with_report(self, entry: LoraEntry) -> LoraEntry:
-        """The entry with its file report, once a check has produced one; fetches nothing."""
+        """The entry with its file report (its pre-flight verdict); fetches nothing. A
+        library file not yet checked against the bound model is checked now, so every
+        listed entry shows its verdict before anyone uses it."""
         path = self._known_path(entry)
         with self._lock:
             cached = self._reports.get(path) if path is not None else None
+            bound = self._signature is not None
+        if cached is None and bound and entry.file is not None and entry.hub is None:
+            try:
+                return replace(entry, report=self.prepare(entry).report)
+            except LoraRejectedError:
+                return entry  # refused with its reason when chosen, before any GPU time
         return entry if cached is None else replace(entry, report=cached.report)
 
     def prepare_set(self, entries: Sequence[LoraEntry]) -> list[PreparedLora]:
@@ -110,7 +135,8 @@ class LoraSources:
         return prepared
 
     def prepare(self, entry: LoraEntry) -> PreparedLora:
-        """Find the entry's file and check it (or reuse the check of the unchanged file)."""
+        """Find the entry's file and check it (or reuse the check of the unchanged file):
+        every file is checked, values included, before the store may load it."""
         path = self.locate(entry)
         try:
             stat = path.stat()
@@ -123,7 +149,7 @@ class LoraSources:
             return PreparedLora(entry, path, cached.report)
         report = self._validate(entry, path, signature)
         with self._lock:
-            self._reports[path] = _CachedReport(stat.st_mtime_ns, stat.st_size, report)
+            self._reports[path] = _CachedReport(_identity(stat), report)
         return PreparedLora(entry, path, report)
 
     def locate(self, entry: LoraEntry) -> Path:

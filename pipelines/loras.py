@@ -21,6 +21,7 @@ from .lora_files import MAX_FILE_BYTES, LoraFileReport, MiB, ModelSignature
 from .lora_sources import LoraSources
 from .lora_text import check_unique
 from .requests import LoraChoice
+from .settings import BUDGETS
 
 __all__ = ["CatalogueError", "HubSource", "LoraEntry", "LoraLibrary", "load_catalogue"]
 
@@ -43,9 +44,10 @@ class LoraLibrary:
         memory_budget_mb: float = 512,
         hotswap_rank: int | None = None,
         hotswap_slots: int = 2,
-        max_upload_mb: float = 200,
+        max_upload_mb: float = BUDGETS.max_lora_upload_bytes / MiB,
         max_file_mb: float = MAX_FILE_BYTES / MiB,
         max_uploads_per_session: int = 8,
+        max_stored_upload_mb: float = BUDGETS.lora_uploads_max_bytes / MiB,
         uploads_dir: Path | None = None,
         hub_cache_dir: Path | None = None,
         allow_downloads: bool = True,
@@ -62,6 +64,7 @@ class LoraLibrary:
             base_tag,
             max_upload_bytes=int(max_upload_mb * MiB),
             max_uploads_per_session=max_uploads_per_session,
+            max_stored_bytes=int(max_stored_upload_mb * MiB),
             uploads_dir=uploads_dir,
         )
         self.sources = LoraSources(
@@ -121,19 +124,20 @@ class LoraLibrary:
     def add_upload(self, data: bytes, filename: str, session_id: str) -> LoraEntry:
         """Check an uploaded file and make it choosable by this session only.
 
-        Its keys are checked against the model once `bind` has seen it (otherwise at first
-        activation).
+        Its bytes and values are checked now; its keys against the model once `bind` has
+        seen it (otherwise at first activation).
         """
         upload = self.catalogue.check_upload(data, filename, session_id)
-        report = self.sources.check_upload_keys(upload.file, upload.display_name)
+        report = self.sources.check_upload(upload.file, upload.display_name)
         entry = self.catalogue.add_upload(upload)
         if report is not None:
             self.sources.remember(entry, report)
         return self.sources.with_report(entry)
 
     def forget_session(self, session_id: str) -> None:
-        """Drop a session's uploads from lookups (loaded adapters age out by LRU)."""
-        self.catalogue.forget_session(session_id)
+        """Drop a session's uploads from lookups and their files no other session holds
+        (loaded adapters age out by LRU)."""
+        self.sources.forget_files(self.catalogue.forget_session(session_id))
 
     # ---- the model
 

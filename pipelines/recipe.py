@@ -21,6 +21,8 @@ RECIPE_KEY = "stencil-recipe"
 RECIPE_VERSION = 2
 _LIBRARIES = ("torch", "diffusers", "transformers", "peft", "controlnet-aux")
 _SECTIONS = ("stencil_recipe", "model", "controls", "loras", "versions")
+# A real recipe is a few KB; anything far larger is not one (and would be slow to parse).
+MAX_RECIPE_CHARS = 1_000_000
 
 
 class RecipeError(StencilError, ValueError):
@@ -90,10 +92,10 @@ class Recipe:
                 f" one reads versions 1 to {RECIPE_VERSION}): update Stencil to restore it"
             )
         data = dict(data)
-        for migrate in _MIGRATIONS[version - 1 :]:
-            data = migrate(data)
-        data = _with_declared_defaults(data)
         try:
+            for migrate in _MIGRATIONS[version - 1 :]:
+                data = migrate(data)
+            data = _with_declared_defaults(data)
             return cls(
                 settings={k: v for k, v in data.items() if k not in _SECTIONS},
                 model=dict(data["model"]),
@@ -101,14 +103,16 @@ class Recipe:
                 loras=tuple(dict(lora) for lora in data.get("loras") or ()),
                 versions=dict(data.get("versions") or {}),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except KeyError as exc:
+            raise RecipeError(f"the recipe is damaged: it has no {exc.args[0]!r} entry") from None
+        except (TypeError, ValueError) as exc:
             raise RecipeError(f"the recipe is damaged ({type(exc).__name__}: {exc})") from None
 
     @classmethod
     def from_json(cls, text: str) -> Recipe:
         try:
             data = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise RecipeError("the recipe is not valid JSON") from None
         return cls.from_dict(data)
 
@@ -226,8 +230,12 @@ def read_recipe(image) -> Recipe | None:
     raw = text.get(RECIPE_KEY) if text else None
     if not raw:
         return None
+    if len(raw) > MAX_RECIPE_CHARS:
+        raise RecipeError(f"the recipe is {len(raw)} characters; the limit is {MAX_RECIPE_CHARS}")
     try:
         data = json.loads(raw)
+    except RecursionError:
+        raise RecipeError("the recipe is nested too deeply to be a Stencil recipe") from None
     except ValueError:
         return None
     if not isinstance(data, dict) or "stencil_recipe" not in data:
@@ -242,22 +250,32 @@ def python_snippet(recipe: Recipe) -> str:
     the declared fields' `pipeline_arg`s, written the way the engine passes them.
     """
     from .families import ARCHITECTURES
-    from .fields import REQUEST_FIELDS, unit_fields
 
-    settings, model = recipe.settings, recipe.model
-    classes = ARCHITECTURES[model.get("architecture", "sd")]
-    controls = list(recipe.controls)
-    pipeline_class = classes["controlnet" if controls else "text2img"]
+    classes = ARCHITECTURES[recipe.model.get("architecture", "sd")]
+    lines = [
+        *_snippet_preamble(recipe, classes),
+        *_snippet_pipeline(recipe, classes),
+        *_snippet_adapters(recipe),
+        "image = pipe(",
+        *_snippet_call(recipe),
+        ").images[0]",
+        'image.save("out.png")',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _snippet_preamble(recipe: Recipe, classes: Mapping[str, str]) -> list[str]:
     lines = []
-    if model.get("family") == "tiny":
+    if recipe.model.get("family") == "tiny":
         lines += [
             "# 'stencil-tiny' is Stencil's offline test model: make it with",
             "# pipelines.tiny.ensure_tiny_family(folder) and use that folder here.",
         ]
-    imports = sorted({pipeline_class, _scheduler_class(settings["scheduler"])})
-    if controls:
+    pipeline_class = classes["controlnet" if recipe.controls else "text2img"]
+    imports = sorted({pipeline_class, _scheduler_class(recipe.settings["scheduler"])})
+    if recipe.controls:
         imports.insert(0, classes["controlnet_model"])
-    lines += [
+    return lines + [
         "import torch",
         f"from diffusers import {', '.join(imports)}",
         "from diffusers.utils import load_image",
@@ -265,46 +283,58 @@ def python_snippet(recipe: Recipe) -> str:
         'device = "cuda" if torch.cuda.is_available() else "cpu"',
         'dtype = torch.float16 if device == "cuda" else torch.float32',
     ]
+
+
+def _snippet_pipeline(recipe: Recipe, classes: Mapping[str, str]) -> list[str]:
+    """The base (with its ControlNets) at the recorded commits, and the scheduler."""
+    model, controls = recipe.model, recipe.controls
     revision = _revision_arg(model.get("revision"))
     extra = " safety_checker=None," if classes.get("safety_checker") else ""
+    pipeline_class = classes["controlnet" if controls else "text2img"]
+    lines = []
     if controls:
         nets = ", ".join(
             f"{classes['controlnet_model']}.from_pretrained({c['controlnet']!r},"
             f"{_revision_arg(c.get('controlnet_revision'))} torch_dtype=dtype)"
             for c in controls
         )
-        lines += [
-            f"controlnets = [{nets}]",
-            f"pipe = {pipeline_class}.from_pretrained(",
-            f"    {model['base']!r},{revision} controlnet=controlnets, torch_dtype=dtype,{extra}",
-            ").to(device)",
-        ]
-    else:
-        lines += [
-            f"pipe = {pipeline_class}.from_pretrained(",
-            f"    {model['base']!r},{revision} torch_dtype=dtype,{extra}",
-            ").to(device)",
-        ]
-    scheduler_class = _scheduler_class(settings["scheduler"])
-    overrides = _scheduler_overrides(settings["scheduler"])
-    lines.append(
-        f"pipe.scheduler = {scheduler_class}.from_config(pipe.scheduler.config{overrides})"
-    )
+        lines.append(f"controlnets = [{nets}]")
+        extra = " controlnet=controlnets," + extra
+    scheduler = recipe.settings["scheduler"]
+    return lines + [
+        f"pipe = {pipeline_class}.from_pretrained(",
+        f"    {model['base']!r},{revision}{extra} torch_dtype=dtype,",
+        ").to(device)",
+        f"pipe.scheduler = {_scheduler_class(scheduler)}.from_config("
+        f"pipe.scheduler.config{_scheduler_overrides(scheduler)})",
+    ]
+
+
+def _snippet_adapters(recipe: Recipe) -> list[str]:
+    """The applied LoRAs with their weights, then what declared fields need set up."""
+    from .fields import REQUEST_FIELDS
+
     loras = [lora for lora in recipe.loras if lora.get("active", True)]
-    for lora in loras:
-        lines.append(_load_lora_line(lora))
+    lines = [_load_lora_line(lora) for lora in loras]
     if loras:
         names = [lora["name"] for lora in loras]
         weights = [lora["weight"] for lora in loras]
         lines.append(f"pipe.set_adapters({names!r}, adapter_weights={weights!r})")
     for spec in REQUEST_FIELDS:
-        if spec.snippet_setup and settings.get(spec.recipe, spec.default) != spec.default:
+        if spec.snippet_setup and recipe.settings.get(spec.recipe, spec.default) != spec.default:
             lines += spec.snippet_setup
+    return lines
+
+
+def _snippet_call(recipe: Recipe) -> list[str]:
+    """The pipeline call's arguments: each declared field's `pipeline_arg`, per unit too."""
+    from .fields import REQUEST_FIELDS, unit_fields
+
+    settings, controls = recipe.settings, recipe.controls
     call = [f"    prompt={settings['prompt']!r},"]
     for spec in REQUEST_FIELDS:
         if spec.pipeline_arg and spec.recipe in settings:
-            value = spec.pipeline_value(settings[spec.recipe])
-            call.append(f"    {spec.pipeline_arg}={value!r},")
+            call.append(f"    {spec.pipeline_arg}={spec.pipeline_value(settings[spec.recipe])!r},")
     call += [
         f"    width={settings['width']}, height={settings['height']},",
         f"    generator=torch.Generator('cpu').manual_seed({settings['seed']}),",
@@ -313,12 +343,11 @@ def python_snippet(recipe: Recipe) -> str:
         call.append(
             f"    image=[load_image(f'control_map_{{i}}.png') for i in range({len(controls)})],"
         )
-        for spec in unit_fields():
-            if spec.pipeline_arg:
-                values = [spec.pipeline_value(c[spec.recipe]) for c in controls]
-                call.append(f"    {spec.pipeline_arg}={values!r},")
-    lines += ["image = pipe(", *call, ").images[0]", 'image.save("out.png")']
-    return "\n".join(lines) + "\n"
+    for spec in unit_fields() if controls else ():
+        if spec.pipeline_arg:
+            values = [spec.pipeline_value(c[spec.recipe]) for c in controls]
+            call.append(f"    {spec.pipeline_arg}={values!r},")
+    return call
 
 
 def _load_lora_line(lora: dict) -> str:

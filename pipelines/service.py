@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import io
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ImageError, InvalidRequestError
-from .form import FormField, ParsedUnit, form_fields, parse_form, values_from_recipe
+from .errors import ImageError, InvalidRequestError, megabytes
+from .form import FormField, ParsedUnit, form_fields, parse_form, suffix, values_from_recipe
 from .recipe import Recipe, RecipeError, png_bytes_with_recipe
+from .settings import BUDGETS, Budgets, cache_dir
+from .storage import BoundedFolder
 
 if TYPE_CHECKING:  # the engine brings torch; the service's importers need not
     from .engine import CancelToken, Engine
@@ -36,10 +37,19 @@ class GenerationOutcome:
 
 
 class StencilService:
-    def __init__(self, engine: Engine, output_dir: Path | None = None):
+    def __init__(
+        self, engine: Engine, output_dir: Path | None = None, *, budgets: Budgets = BUDGETS
+    ):
         self.engine = engine
-        self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="stencil-out-"))
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        # One folder, reused by every start, pruned by age and size (STENCIL_OUTPUT_*):
+        # the page and the API serve Gradio's copy of a result, so this is its staging.
+        self.outputs = BoundedFolder(
+            Path(output_dir) if output_dir else cache_dir() / "outputs",
+            max_bytes=budgets.output_max_bytes,
+            max_age_s=budgets.output_max_age_s,
+            min_age_s=budgets.output_min_age_s,
+        )
+        self.output_dir = self.outputs.path
         # The page's components and the API's parameters, bounded by this model.
         self.fields: tuple[FormField, ...] = form_fields(engine.model_facts)
 
@@ -107,6 +117,12 @@ class StencilService:
         entry = self.engine.loras.add_upload(data, Path(path).name, session_id)
         return entry.to_public_dict()
 
+    def forget_session(self, session_id: str) -> None:
+        """A closed session's state goes: its uploaded LoRAs, and their files when no other
+        session uploaded the same bytes."""
+        if self.engine.loras is not None:
+            self.engine.loras.forget_session(session_id)
+
     def status(self) -> dict[str, Any]:
         """What the page's status line shows. It only reports: nothing is built here."""
         status = self.engine.status
@@ -136,7 +152,11 @@ class StencilService:
 
     def restore(self, path: str | Path) -> dict[str, Any]:
         """The page values that reproduce a Stencil PNG, by field name (every recorded one)."""
-        return values_from_recipe(self.fields, self.read_recipe(path))
+        recipe = self.read_recipe(path)
+        try:
+            return values_from_recipe(self.fields, recipe)
+        except RecipeError as exc:
+            raise InvalidRequestError("recipe_image", Path(path).name, str(exc)) from None
 
     @staticmethod
     def python_snippet(recipe: Recipe) -> str:
@@ -162,6 +182,7 @@ class StencilService:
     def _control_unit(self, parsed: ParsedUnit):
         from .controls import get_control_spec
         from .images import load_image
+        from .preprocessors.base import check_map_budget
         from .requests import ControlUnit
 
         spec = get_control_spec(parsed.control_type)
@@ -179,6 +200,9 @@ class StencilService:
         except ImageError as exc:
             # Name the unit: with two units, "the image" alone does not say which.
             raise ImageError(f"{image_field}: {exc}") from None
+        # Checked here too, before any work, where the unit's own field name is known.
+        resolution_field = "control_resolution" + suffix(parsed.position)
+        check_map_budget(*values["image"].size, values["resolution"], field=resolution_field)
         return ControlUnit(**values, params=spec.validate_params(parsed.params))
 
     def _lora_choices(self, text: str, session_id: str | None):
@@ -196,15 +220,14 @@ class StencilService:
             image.save(buffer, format="PNG")
             data = buffer.getvalue()
         # Content-addressed names: no user text ever becomes part of a path.
-        path = self.output_dir / f"{prefix}-{hashlib.sha256(data).hexdigest()[:16]}.png"
-        path.write_bytes(data)
-        return str(path)
+        name = f"{prefix}-{hashlib.sha256(data).hexdigest()[:16]}.png"
+        return str(self.outputs.write(name, data))
 
 
 def _read_capped(path: Path, limit: int) -> bytes:
     size = path.stat().st_size
     if size > limit:
         raise InvalidRequestError(
-            "lora_file", path.name, f"is {size / 2**20:.1f} MB; the limit is {limit / 2**20:.0f} MB"
+            "lora_file", path.name, f"is {megabytes(size)}; the limit is {megabytes(limit)}"
         )
     return path.read_bytes()

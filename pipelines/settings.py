@@ -15,7 +15,16 @@ from pathlib import Path
 
 from .errors import SettingsError
 
-__all__ = ["LIMITS", "Limits", "SettingsError", "WholeSetting", "load_limits"]
+__all__ = [
+    "BUDGETS",
+    "LIMITS",
+    "Budgets",
+    "Limits",
+    "SettingsError",
+    "WholeSetting",
+    "load_budgets",
+    "load_limits",
+]
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,69 @@ def load_limits(environ: Mapping[str, str] | None = None) -> Limits:
 # Read once, at first import: a bad value raises SettingsError from here, which app.py
 # catches before anything else is built.
 LIMITS = load_limits()
+
+
+# ---- budgets: what Stencil and Gradio may keep on disk and in memory, and for how long.
+# The defaults suit a public Space (tens of GB of disk, one model queue); README section
+# "Running a public Space safely" explains each one.
+MiB = 2**20
+OUTPUT_MAX_MB = WholeSetting("STENCIL_OUTPUT_MAX_MB", 512, 1, 1_000_000)
+OUTPUT_MAX_AGE_S = WholeSetting("STENCIL_OUTPUT_MAX_AGE_S", 3600, 10, 30 * 86400)
+# Gradio's cache (uploads and its copies of results): swept every SWEEP seconds of files
+# older than MAX_AGE, and no new upload is taken while it holds more than MAX_MB.
+GRADIO_CACHE_MAX_AGE_S = WholeSetting("STENCIL_GRADIO_CACHE_MAX_AGE_S", 3600, 10, 30 * 86400)
+GRADIO_CACHE_SWEEP_S = WholeSetting("STENCIL_GRADIO_CACHE_SWEEP_S", 300, 1, 86400)
+GRADIO_CACHE_MAX_MB = WholeSetting("STENCIL_GRADIO_CACHE_MAX_MB", 4096, 16, 1_000_000)
+# One LoRA file (160: an SD 1.5 LoRA of rank 128 with text-encoder layers, half precision,
+# is 151 MB), and all the sessions' uploaded LoRAs together. Gradio has one upload cap for
+# every component, so the first is also the cap on any upload (app.py).
+MAX_LORA_UPLOAD_MB = WholeSetting("STENCIL_MAX_LORA_UPLOAD_MB", 160, 1, 2048)
+LORA_UPLOADS_MAX_MB = WholeSetting("STENCIL_LORA_UPLOADS_MAX_MB", 2048, 1, 1_000_000)
+MAP_CACHE_MB = WholeSetting("STENCIL_MAP_CACHE_MB", 128, 0, 65536)
+# 1024x1024, or a 4:1 image at the default 512. Pose detection's peak memory grows with
+# the map, about 0.8 GB a megapixel (bench/results/soak.md), so this is its bound too.
+MAX_MAP_PIXELS = WholeSetting("STENCIL_MAX_MAP_PIXELS", 1024 * 1024, 512 * 512, 16 * 2**20)
+
+
+@dataclass(frozen=True)
+class Budgets:
+    output_max_bytes: int
+    output_max_age_s: int
+    # A result is never pruned younger than this (or than its max age, if shorter), so
+    # the request that wrote it can hand it to Gradio, whatever the byte budget says.
+    output_min_age_s: int
+    gradio_cache_max_age_s: int
+    gradio_cache_sweep_s: int
+    gradio_cache_max_bytes: int
+    max_lora_upload_bytes: int
+    lora_uploads_max_bytes: int
+    map_cache_bytes: int
+    max_map_pixels: int
+
+    @property
+    def gradio_delete_cache(self) -> tuple[int, int]:
+        """`gr.Blocks(delete_cache=...)`: (how often to sweep, the age that expires)."""
+        return self.gradio_cache_sweep_s, self.gradio_cache_max_age_s
+
+
+def load_budgets(environ: Mapping[str, str] | None = None) -> Budgets:
+    environ = os.environ if environ is None else environ
+    output_max_age_s = OUTPUT_MAX_AGE_S.read(environ)
+    return Budgets(
+        output_max_bytes=OUTPUT_MAX_MB.read(environ) * MiB,
+        output_max_age_s=output_max_age_s,
+        output_min_age_s=min(60, output_max_age_s),
+        gradio_cache_max_age_s=GRADIO_CACHE_MAX_AGE_S.read(environ),
+        gradio_cache_sweep_s=GRADIO_CACHE_SWEEP_S.read(environ),
+        gradio_cache_max_bytes=GRADIO_CACHE_MAX_MB.read(environ) * MiB,
+        max_lora_upload_bytes=MAX_LORA_UPLOAD_MB.read(environ) * MiB,
+        lora_uploads_max_bytes=LORA_UPLOADS_MAX_MB.read(environ) * MiB,
+        map_cache_bytes=MAP_CACHE_MB.read(environ) * MiB,
+        max_map_pixels=MAX_MAP_PIXELS.read(environ),
+    )
+
+
+BUDGETS = load_budgets()
 
 
 def env_flag(name: str, environ: Mapping[str, str] | None = None) -> bool:

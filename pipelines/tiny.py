@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .atomic_folder import build_atomically
+from .atomic_folder import build_verified
 from .sd_builder import SDFamilySize, build_components, write_sd_family
 
 # Bump when anything below changes what is written: old folders are then rebuilt, never reused.
@@ -53,11 +53,10 @@ def ensure_tiny_family(cache_root: Path) -> Path:
     """Return the tiny family's folder, building it first if it is not there yet.
 
     Built aside and renamed into place, so a crash or a concurrent builder never leaves a
-    half-written model that later loads.
+    half-written model that later loads; checked against its manifest of file digests on
+    every call, so a damaged copy (a file deleted, truncated or zeroed) is rebuilt.
     """
-    return build_atomically(
-        tiny_family_dir(cache_root), write_tiny_family, is_complete=_has_model_index
-    )
+    return build_verified(tiny_family_dir(cache_root), write_tiny_family)
 
 
 def write_tiny_family(folder: Path) -> None:
@@ -68,7 +67,3 @@ def write_tiny_family(folder: Path) -> None:
 def build_tiny_components() -> dict[str, Any]:
     """UNet, VAE, text encoder, tokenizer and scheduler, seeded, in float32 on the CPU."""
     return build_components(TINY_SIZE)
-
-
-def _has_model_index(folder: Path) -> bool:
-    return (folder / "model_index.json").is_file()

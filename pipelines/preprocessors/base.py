@@ -7,6 +7,7 @@ them. Nothing is clamped silently.
 
 from __future__ import annotations
 
+import math
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -19,12 +20,55 @@ from ..errors import InvalidRequestError
 from ..fields import DETECTION_RESOLUTION
 from ..fields import Field as ParamSpec
 from ..images import resize_short_side, to_rgb
+from ..settings import BUDGETS
 
 ParamKind = Literal["int", "float", "bool", "choice"]
 Weights = Literal["none", "real", "stand-in"]
 
 # The long side of a map may reach this, whatever the resolution (a 16:1 image at 512).
 MAX_MAP_SIDE = 8192
+# And it may hold this many pixels (STENCIL_MAX_MAP_PIXELS): what one detection may cost.
+# A pose map's detection peaks at about 0.8 GB a megapixel (bench/results/soak.md).
+MAX_MAP_PIXELS = BUDGETS.max_map_pixels
+
+
+def map_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """The map's size for a `width`x`height` image detected at short side `resolution`."""
+    short, long = min(width, height), max(width, height)
+    new_long = max(1, round(long * resolution / max(short, 1)))
+    return (resolution, new_long) if width <= height else (new_long, resolution)
+
+
+def check_map_budget(
+    width: int, height: int, resolution: int, *, field: str = "control_resolution"
+) -> None:
+    """Refuse a detection resolution whose map would exceed the pixel budget.
+
+    Refused rather than scaled down: the resolution changes what a detector finds (edges,
+    keypoints), and the recipe records the resolution asked for, so a silently smaller map
+    would make the recipe reproduce a different image.
+    """
+    map_width, map_height = map_size(width, height, resolution)
+    if map_width * map_height <= MAX_MAP_PIXELS:
+        return
+    fits = largest_resolution_within_budget(width, height)
+    advice = f"use at most {fits}" if fits >= RESOLUTION.minimum else "crop it"
+    raise InvalidRequestError(
+        field,
+        resolution,
+        f"this {width}x{height} image would make a {map_width}x{map_height} map"
+        f" ({map_width * map_height / 1e6:.1f} megapixels), over the budget of"
+        f" {MAX_MAP_PIXELS / 1e6:.1f} megapixels (STENCIL_MAX_MAP_PIXELS); {advice}",
+    )
+
+
+def largest_resolution_within_budget(width: int, height: int, step: int = 64) -> int:
+    """The highest detection resolution, in steps of `step`, whose map fits the budget."""
+    short, long = min(width, height), max(width, height)
+    resolution = math.isqrt(MAX_MAP_PIXELS * short // max(long, 1)) // step * step
+    while resolution > 0 and math.prod(map_size(width, height, resolution)) > MAX_MAP_PIXELS:
+        resolution -= step  # rounding of the long side can tip it over
+    return resolution
 
 
 def validate_params(
@@ -99,6 +143,7 @@ class Preprocessor(ABC):
         resolution = RESOLUTION.validate(resolution)
         if not isinstance(image, Image.Image):
             raise TypeError(f"expected a PIL image, got {type(image).__name__}")
+        check_map_budget(*image.size, resolution)
         rgb = image if image.mode == "RGB" else to_rgb(image)
         sized = resize_short_side(rgb, resolution, max_long_side=MAX_MAP_SIDE)
         control_map = self._detect(sized, values)

@@ -5,7 +5,8 @@ They load through exactly the code that loads the real weights
 so tests and offline runs exercise the real path. They detect nothing meaningful.
 
 Folders are versioned (bump the version when the recipe changes), written aside and renamed
-into place (`build_atomically`), and reused when present. Same seed, same bytes.
+into place (`build_verified`), and reused while their manifest of digests still matches.
+Same seed, same bytes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic_folder import build_atomically
+from ..atomic_folder import build_verified
 
 OPENPOSE_VERSION = 1
 DEPTH_VERSION = 1
@@ -42,12 +43,12 @@ def build_tiny_openpose(folder: Path, *, seed: int = DEFAULT_SEED) -> Path:
     torch.save stores a storage once however many views share it, so each file is ~2.4 MB,
     and load_state_dict copies the views into ordinary dense parameters.
     """
-    return build_atomically(Path(folder), lambda staging: _write_openpose(staging, seed))
+    return build_verified(Path(folder), lambda staging: _write_openpose(staging, seed))
 
 
 def build_tiny_depth(folder: Path, *, seed: int = DEFAULT_SEED) -> Path:
     """Write a tiny Depth Anything model (~0.6 MB) and its image processor into `folder`."""
-    return build_atomically(Path(folder), lambda staging: _write_depth(staging, seed))
+    return build_verified(Path(folder), lambda staging: _write_depth(staging, seed))
 
 
 # --------------------------------------------------------------------------- openpose
