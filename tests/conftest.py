@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,24 +69,23 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def running_app(cache_root):
-    """`python app.py` in a subprocess, offline, on a free port; yields its URL."""
+@contextmanager
+def served_app(env: dict, log_name: str):
+    """`python app.py` in a subprocess with `env`, until it serves its page; yields its URL.
+
+    `env` must name GRADIO_SERVER_PORT. The app's output goes to `.cache/<log_name>`."""
     import subprocess
     import sys
     import time
     import urllib.request
 
-    port = _free_port()
-    log_path = ROOT / ".cache" / "app-under-test.log"
+    log_path = ROOT / ".cache" / log_name
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, GRADIO_SERVER_PORT=str(port), STENCIL_MODEL="auto")
-    started = time.perf_counter()
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=env, stdout=log, stderr=log
         )
-    url = f"http://127.0.0.1:{port}/"
+    url = f"http://127.0.0.1:{env['GRADIO_SERVER_PORT']}/"
     try:
         deadline = time.time() + 180
         while True:
@@ -99,11 +99,29 @@ def running_app(cache_root):
                     tail = log_path.read_text()[-3000:]
                     raise RuntimeError(f"app did not start:\n{tail}") from exc
                 time.sleep(0.25)
-        print(f"\napp served its page {time.perf_counter() - started:.1f} s after start")
         yield url
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def running_app(cache_root):
+    """`python app.py` in a subprocess, offline, on a free port; yields its URL."""
+    env = dict(os.environ, GRADIO_SERVER_PORT=str(_free_port()), STENCIL_MODEL="auto")
+    with served_app(env, "app-under-test.log") as url:
+        yield url
+
+
+def render_np(pipe, prompt: str = "a photo of a cat"):
+    """A 64x64, 2-step image of a plain diffusers pipeline as floats (seed 1234)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1234)
+    result = pipe(
+        prompt, num_inference_steps=2, height=64, width=64, generator=generator, output_type="np"
+    )
+    return result.images[0]
 
 
 @pytest.fixture(scope="session")

@@ -7,15 +7,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, _free_port
+from conftest import ROOT, _free_port, served_app
 from PIL import Image
 
 from pipelines.errors import InvalidRequestError, LoraRejectedError
@@ -296,30 +294,8 @@ def app_with_short_budgets(tmp_path_factory):
         STENCIL_MAX_LORA_UPLOAD_MB="1",
         STENCIL_MAX_UPLOAD_BYTES=str(MiB),
     )
-    log_path = ROOT / ".cache" / "app-short-budgets.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=env, stdout=log, stderr=log
-        )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.time() + 180
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"app exited early:\n{log_path.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError as exc:
-                if time.time() > deadline:
-                    tail = log_path.read_text()[-3000:]
-                    raise RuntimeError(f"app did not start:\n{tail}") from exc
-                time.sleep(0.25)
+    with served_app(env, "app-short-budgets.log") as url:
         yield url, cache
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def post_upload(url: str, data: bytes):

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import load_tiny_pipe
+from conftest import load_tiny_pipe, render_np
 from safetensors.torch import load_file, save
 
 from pipelines import lora_files, lora_sources
@@ -358,16 +358,7 @@ def test_a_hotswap_slot_outside_the_set_adds_exactly_nothing_whatever_it_holds(t
 
 
 def render(pipe) -> np.ndarray:
-    generator = torch.Generator().manual_seed(1234)
-    images = pipe(
-        "a photo of a cat",
-        num_inference_steps=2,
-        height=64,
-        width=64,
-        generator=generator,
-        output_type="np",
-    ).images
-    return images[0]
+    return render_np(pipe)
 
 
 def render_with(library: LoraLibrary, pipe, *pairs: tuple[str, float]) -> np.ndarray:

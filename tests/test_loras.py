@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import hub_snapshot, load_tiny_pipe
+from conftest import hub_snapshot, load_tiny_pipe, render_np
 from safetensors.torch import load_file, save, save_file
 
 from pipelines.errors import (
@@ -54,16 +54,7 @@ def library(tmp_path) -> LoraLibrary:
 
 
 def render(pipe) -> np.ndarray:
-    generator = torch.Generator().manual_seed(1234)
-    result = pipe(
-        "a photo of a cat",
-        num_inference_steps=2,
-        height=64,
-        width=64,
-        generator=generator,
-        output_type="np",
-    )
-    return result.images[0]
+    return render_np(pipe)
 
 
 def with_loras(library, pipe, *pairs, session_id=None) -> np.ndarray:
