@@ -226,7 +226,11 @@ def session_of(request: gr.Request | None) -> str:
 
 
 def status_markdown(status: dict[str, Any]) -> str:
-    weights = ", ".join(f"{name}: {kind}" for name, kind in status["preprocessor_weights"].items())
+    # "none" would read like "missing": say what each kind means.
+    words = {"none": "needs no weights", "real": "real weights", "stand-in": "offline stand-in"}
+    weights = ", ".join(
+        f"{name}: {words.get(kind, kind)}" for name, kind in status["preprocessor_weights"].items()
+    )
     line = (
         f"**Model:** {status['label']} · `{status['base']}` · {status['device']} / "
         f"{status['dtype']}  \n**Preprocessor weights:** {weights}"
