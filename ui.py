@@ -24,6 +24,7 @@ import gradio as gr
 from pipelines.errors import GenerationCancelled, StencilError
 from pipelines.fields import LORA_WEIGHT, NO_CONTROL, RANDOM_SEED
 from pipelines.form import FormField, suffix
+from pipelines.lora_text import split_lora_string
 from pipelines.model_check import without_paths
 from pipelines.settings import BUDGETS
 
@@ -636,7 +637,7 @@ def _wire_recipe_drop(restore_recipe, recipe_drop, inputs, slots, extra_loras, l
             return [gr.skip()] * (len(restorable) + 2 * len(slots) + 1)
         values = restore_recipe(path)
         updates = [gr.update(value=values[k]) if k in values else gr.skip() for k in restorable]
-        pairs = _lora_pairs(values.get("loras", ""))
+        pairs = split_lora_string(values.get("loras", ""))  # restored: always with weights
         in_slots = [pair for pair in pairs if pair[0] in slot_names][: len(slots)]
         extras = [f"{name}:{weight:g}" for name, weight in pairs if (name, weight) not in in_slots]
         for index in range(len(slots)):
@@ -649,15 +650,6 @@ def _wire_recipe_drop(restore_recipe, recipe_drop, inputs, slots, extra_loras, l
     outputs = [inputs[key] for key in restorable]
     outputs += [component for slot in slots for component in slot] + [extra_loras]
     recipe_drop.upload(restore, recipe_drop, outputs, api_visibility="private")
-
-
-def _lora_pairs(text: str) -> list[tuple[str, float]]:
-    """`name:weight, ...` as written by a recipe's restore (always with weights)."""
-    pairs = []
-    for part in filter(None, (p.strip() for p in (text or "").split(","))):
-        name, _, weight = part.rpartition(":")
-        pairs.append((name, float(weight)))
-    return pairs
 
 
 def _examples(prompt, unit: ControlUnitView):

@@ -31,7 +31,7 @@ from .families import (
 from .fields import REQUEST_FIELDS, unit_fields
 from .hub import cached_locally, cached_revision, hub_reachable
 from .map_cache import MapCache
-from .model_check import describe_load_failure, without_paths
+from .model_check import describe_component_failure, describe_load_failure
 from .recipe import Recipe
 from .requests import GenerationRequest, GenerationResult, ProgressCallback
 from .schedulers import get_scheduler_spec
@@ -206,7 +206,7 @@ class Engine:
                     )
                 except Exception as exc:
                     log.error("could not load ControlNet %s from %s: %s", ref, source, exc)
-                    why = _component_failure(source, exc)
+                    why = describe_component_failure(source, exc)
                     raise ModelLoadError(f"ControlNet {ref!r} could not be loaded: {why}") from exc
                 self._controlnets[ref] = net.to(self.device)
                 self._controlnet_revisions[ref] = cached_revision(source, "config.json")
@@ -509,18 +509,6 @@ def _quiet_diffusers():
         yield
     finally:
         diffusers_logging.set_verbosity(previous)
-
-
-def _component_failure(source: str, error: BaseException) -> str:
-    from .model_check import safetensors_problem
-
-    folder = Path(source)
-    if folder.is_dir():
-        for path in sorted(folder.glob("*.safetensors")):
-            problem = safetensors_problem(path)
-            if problem is not None:
-                return f"{path.name} {problem}"
-    return f"{type(error).__name__}: {without_paths(str(error)).splitlines()[0][:300]}"
 
 
 def _random_seed() -> int:

@@ -11,7 +11,7 @@ Imports neither torch nor gradio.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -66,10 +66,6 @@ def form_fields(
 
 def _renamed(spec: Field, key: str, unit: int, control: str | None = None) -> FormField:
     return FormField(key, replace(spec, name=key), unit=unit, control=control, source=spec)
-
-
-def defaults(fields: Iterable[FormField]) -> dict[str, Any]:
-    return {f.key: f.spec.default for f in fields}
 
 
 # --------------------------------------------------------------------------------------

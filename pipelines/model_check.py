@@ -38,9 +38,21 @@ def describe_load_failure(source: str, error: BaseException) -> str:
     """The first broken file of `source` and what is wrong with it, else the error itself."""
     folder = model_folder(source)
     problem = first_broken_file(folder) if folder is not None else None
-    if problem is not None:
-        return problem
-    return f"{type(error).__name__}: {without_paths(str(error)).splitlines()[0][:300]}"
+    return problem or error_line(error)
+
+
+def describe_component_failure(source: str, error: BaseException) -> str:
+    """The same for one component loaded alone (a ControlNet): its folder's first damaged
+    file, else the error itself."""
+    folder = Path(source)
+    problem = _component_problem(folder) if folder.is_dir() else None
+    return problem or error_line(error)
+
+
+def error_line(error: BaseException) -> str:
+    """An error as one short line, without machine paths."""
+    lines = without_paths(str(error)).splitlines() or [""]
+    return f"{type(error).__name__}: {lines[0][:300]}"
 
 
 def first_broken_file(folder: Path) -> str | None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidRequestError
-from .fields import LORA_WEIGHT, REQUEST_FIELDS, Field, unit_fields
+from .fields import LORA_WEIGHT, NO_CONTROL, REQUEST_FIELDS, Field, unit_fields
 
 
 def declared(fields: Callable[[], tuple[Field, ...]]):
@@ -86,7 +86,7 @@ class ControlUnit:
     def __post_init__(self) -> None:
         check_declared(self)
         if self.control_type is None:
-            raise InvalidRequestError("control_type", NO_CONTROL_WORD, "must be a control name")
+            raise InvalidRequestError("control_type", NO_CONTROL, "must be a control name")
         if self.image is None:
             raise InvalidRequestError(
                 "control_image", None, f"an image is needed for control {self.control_type!r}"
@@ -103,9 +103,6 @@ class ControlUnit:
     @property
     def param_dict(self) -> dict[str, Any]:
         return dict(self.params)
-
-
-NO_CONTROL_WORD = "none"
 
 
 @dataclass(frozen=True)

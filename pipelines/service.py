@@ -187,7 +187,7 @@ class StencilService:
 
         spec = get_control_spec(parsed.control_type)
         values = dict(parsed.values)
-        image_field = "control_image" + ("" if parsed.position == 1 else f"_{parsed.position}")
+        image_field = "control_image" + suffix(parsed.position)
         if values.get("image") is None:
             raise InvalidRequestError(
                 image_field,

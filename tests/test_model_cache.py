@@ -115,15 +115,16 @@ def test_a_controlnet_damaged_after_start_heals_at_its_next_use(tmp_path, cache_
 
 
 def test_a_controlnet_that_cannot_load_is_named_without_its_path(tmp_path):
-    from pipelines.engine import _component_failure
+    from pipelines.model_check import describe_component_failure
 
     folder = tmp_path / "hub" / "snapshots" / ("c" * 40)
     folder.mkdir(parents=True)
     weights = folder / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00" + b'{"a":{"dtype":"F32",')
-    message = _component_failure(str(folder), OSError(f"Error no file named {weights}"))
+    message = describe_component_failure(str(folder), OSError(f"Error no file named {weights}"))
     assert message == "diffusion_pytorch_model.safetensors has a damaged header"
-    generic = _component_failure(str(tmp_path / "nowhere"), OSError(f"cannot read {weights}"))
+    unreadable = OSError(f"cannot read {weights}")
+    generic = describe_component_failure(str(tmp_path / "nowhere"), unreadable)
     assert str(tmp_path) not in generic and "diffusion_pytorch_model.safetensors" in generic
 
 
