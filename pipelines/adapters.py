@@ -27,7 +27,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .errors import InvalidRequestError, LoraRejectedError
-from .lora_files import MiB, ModelSignature, verify_loaded_scales
+from .lora_files import (
+    MiB,
+    ModelSignature,
+    partial_exact_lora,
+    read_safetensors,
+    verify_loaded_scales,
+)
 from .lora_sources import PreparedLora
 
 logger = logging.getLogger(__name__)
@@ -303,9 +309,13 @@ def loadable(
     if hashlib.sha256(data).hexdigest() != item.sha256:
         raise LoraRejectedError(item.entry.name, "its file changed after it was checked")
     unet = unwrapped_unet(pipe)
-    state, _ = convert_to_exact_lora(
-        load_tensors(data), signature.layers, base_weight=lambda c, m: _base_weight(pipe, c, m)
-    )
+    if item.report.converted_from.endswith("-partial"):
+        file = read_safetensors(data, name=item.entry.name, max_bytes=len(data))
+        state = partial_exact_lora(file, signature, name=item.entry.name)
+    else:
+        state, _ = convert_to_exact_lora(
+            load_tensors(data), signature.layers, base_weight=lambda c, m: _base_weight(pipe, c, m)
+        )
     like = {"device": unet.device, "dtype": unet.dtype}
     return {key: value.to(**like) for key, value in state.items()}, {}
 

@@ -28,7 +28,7 @@ import json
 import logging
 import math
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +107,12 @@ _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 # a few extra layers). Fewer means it was made for another network: SD 2.x files share SD
 # 1.x's names but not its shapes (refused on shape), SDXL ones mostly name other blocks.
 MIN_MATCHED_FRACTION = 0.5
+# What the verdict calls each layout diffusers loads as is.
+LAYOUT_NAMES = {
+    "peft": "diffusers/peft LoRA",
+    "diffusers-old": "old diffusers LoRA",
+    "kohya": "kohya LoRA",
+}
 _SGM_BLOCKS = ("_input_blocks_", "_output_blocks_", "_middle_block_")
 
 
@@ -208,7 +214,9 @@ class LoraFileReport:
 
     @property
     def format_name(self) -> str:
-        return FORMAT_NAMES.get(self.converted_from or self.layout, self.layout)
+        if self.converted_from is None or self.converted_from.endswith("-partial"):
+            return LAYOUT_NAMES.get(self.layout, self.layout)
+        return FORMAT_NAMES.get(self.converted_from, self.converted_from)
 
     def describe(self) -> dict[str, Any]:
         scales = {s for per_module in self.module_scales.values() for s in per_module.values()}
@@ -653,9 +661,14 @@ def _check_lora_keys(
     param_count = 0
     alphas: set[float] = set()
     hotswap_ok = True
+    skipped: list[str] = []
     for component, component_dict in by_component.items():
         pairs = _pair_lora_weights(name, component, component_dict)
-        _check_targets(name, component, pairs, signature)
+        missing = _check_targets(name, component, pairs, signature)
+        skipped += [f"{component}.{module}" for module in missing]
+        pairs = {module: pair for module, pair in pairs.items() if module not in missing}
+        if not pairs:
+            continue
         modules[component] = frozenset(pairs)
         component_ranks = {a.shape[0] for a, _ in pairs.values()}
         ranks |= component_ranks
@@ -671,6 +684,26 @@ def _check_lora_keys(
             hotswap_ok &= len(component_alphas) <= 1 and (
                 bool(network_alphas) or len(component_ranks) <= 1
             )
+    matched = sum(len(names) for names in modules.values())
+    _check_matched_share(name, LAYOUT_NAMES[layout], matched, skipped)
+    scales = _expected_scales(by_component, tensors, adapter_metadata, signature)
+    if skipped:
+        # Loaded as the exact standard LoRA of the layers that exist (`partial_exact_lora`):
+        # each layer's scale folded into its up matrix, so every layer loads at scale 1.
+        return LoraFileReport(
+            sha256=file.sha256,
+            size_bytes=file.size_bytes,
+            layout=layout,
+            ranks=tuple(sorted(ranks)),
+            alphas=tuple(sorted(alphas)),
+            targets=tuple(c for c in signature.layers if c in modules),
+            modules=modules,
+            param_count=param_count,
+            hotswap_compatible_config=not any(k.endswith(".lora_B.bias") for k in state_dict),
+            converted_from=f"{layout}-partial",
+            skipped_layers=tuple(sorted(skipped)),
+            module_scales={c: dict.fromkeys(names, 1.0) for c, names in modules.items()},
+        )
     return LoraFileReport(
         sha256=file.sha256,
         size_bytes=file.size_bytes,
@@ -682,8 +715,32 @@ def _check_lora_keys(
         param_count=param_count,
         has_adapter_metadata=adapter_metadata is not None,
         hotswap_compatible_config=hotswap_ok,
-        module_scales=_expected_scales(by_component, tensors, adapter_metadata, signature),
+        module_scales=scales,
     )
+
+
+def partial_exact_lora(file: SafetensorsFile, signature: ModelSignature, *, name: str) -> dict:
+    """The standard LoRA diffusers is given for a diffusers/peft file naming layers this
+    model lacks: the layers that exist, each with its own scale folded into `lora_B` (and
+    its bias), so that every layer loads at scale 1 whatever metadata the file had."""
+    from safetensors.torch import load as load_tensors
+
+    tensors = load_tensors(file.data)
+    adapter_metadata = _parse_adapter_metadata(name, file.metadata)
+    state_dict, _ = _convert_like_diffusers(name, tensors, signature)
+    by_component = _split_by_component(name, state_dict, signature)
+    scales = _expected_scales(by_component, tensors, adapter_metadata, signature)
+    exact: dict[str, Any] = {}
+    for component, component_dict in by_component.items():
+        layers = signature.layers[component]
+        for key, value in component_dict.items():
+            module, _, param = key.partition(".lora_")
+            if module not in layers:
+                continue
+            if param.startswith("B."):
+                value = value.float() * scales[component][module]
+            exact[f"{component}.{key}"] = value
+    return exact
 
 
 def _expected_scales(
@@ -747,20 +804,7 @@ def _check_converted(
         )
     except LayerMisfitError as exc:
         raise _other_base(name, f"layer {exc} (its shapes do not fit)") from exc
-    what = FORMAT_NAMES.get(kind, kind)
-    total = len(layers) + len(skipped)
-    if not layers:
-        raise LoraRejectedError(
-            name,
-            f"it is a {what} file and matches no layer of this model (e.g. {skipped[0]!r});"
-            " loading it would change nothing",
-        )
-    if len(layers) / total <= MIN_MATCHED_FRACTION:
-        raise _other_base(
-            name,
-            f"only {len(layers)} of its {total} layers exist in this model (more than"
-            f" {MIN_MATCHED_FRACTION:.0%} must), e.g. it names {skipped[0]!r}",
-        )
+    _check_matched_share(name, FORMAT_NAMES.get(kind, kind), len(layers), skipped)
     by_component = _split_by_component(name, state, signature)
     modules: dict[str, frozenset[str]] = {}
     param_count = 0
@@ -791,6 +835,25 @@ def _check_converted(
         full_size_layers=sum(not layer.exact_low_rank for layer in layers),
         module_scales={c: dict.fromkeys(names, 1.0) for c, names in modules.items()},
     )
+
+
+def _check_matched_share(name: str, what: str, matched: int, skipped: Sequence[str]) -> None:
+    """Layers the model lacks are skipped only while most of the file matches."""
+    if not skipped:
+        return
+    if not matched:
+        raise LoraRejectedError(
+            name,
+            f"it is a {what} file and matches no layer of this model (e.g. {skipped[0]!r});"
+            " loading it would change nothing",
+        )
+    total = matched + len(skipped)
+    if matched / total <= MIN_MATCHED_FRACTION:
+        raise _other_base(
+            name,
+            f"only {matched} of its {total} layers exist in this model (more than"
+            f" {MIN_MATCHED_FRACTION:.0%} must), e.g. it names {skipped[0]!r}",
+        )
 
 
 def _zeros_like_layer(signature: ModelSignature) -> Callable[[str, str], Any]:
@@ -1028,7 +1091,8 @@ def _check_targets(
     component: str,
     pairs: Mapping[str, tuple[Any, Any]],
     signature: ModelSignature,
-) -> None:
+) -> list[str]:
+    """Refuse layers whose shapes do not fit; return the ones this model lacks."""
     layers = signature.layers[component]
     missing = sorted(module for module in pairs if module not in layers)
     misfits: list[str] = []
@@ -1042,18 +1106,7 @@ def _check_targets(
     if misfits:
         guess = _guess_base(component, pairs, signature)
         raise _other_base(name, f"{guess}layer {misfits[0]} ({len(misfits)} layers differ)")
-    if missing and len(missing) == len(pairs):
-        raise LoraRejectedError(
-            name,
-            f"it matches no layer of this model's {component} (e.g. {missing[0]!r});"
-            " loading it would change nothing",
-        )
-    if missing:
-        raise _other_base(
-            name,
-            f"{len(missing)} of its {len(pairs)} {component} layers do not exist in this"
-            f" model, e.g. {missing[0]!r}",
-        )
+    return missing  # what share of the whole file may be missing is the caller's to judge
 
 
 def _fits(layer: LayerShape, a_shape: Any, b_shape: Any) -> bool:

@@ -13,6 +13,7 @@ import copy
 import logging
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,6 +37,7 @@ from pipelines.lora_sources import PreparedLora  # noqa: E402
 from pipelines.lycoris_formats import group_by_module, module_names  # noqa: E402
 
 ONE_LEVEL = 1.0  # 1/255, in 0..255 pixel units
+SHIPPED = Path(__file__).resolve().parents[1] / "loras"
 
 # (id, LyCORIS algo, its options, components, dtype). LoHa and LoKr use alpha == rank:
 # LyCORIS 4.1.3's merge applies their alpha / rank twice (get_weight and get_diff_weight
@@ -222,6 +224,39 @@ def test_a_file_naming_a_few_extra_layers_is_applied_without_them(
     store.activate(model, [(item, 1.0)])
     truth = render(lycoris_merge(pipe, corpus["locon-bf16"], 1.0))
     assert np.abs(render(model) - truth).max() <= ONE_LEVEL
+
+
+@pytest.mark.parametrize(
+    ("shipped", "extra"),
+    [
+        # diffusers metadata with alpha 2 at rank 8: the scale must survive the skipping
+        ("tiny-faded", "unet.down_blocks.7.attentions.0.proj_in"),
+        ("tiny-neon", "text_encoder.encoder.layers.9.self_attn.q_proj"),
+    ],
+)
+def test_a_peft_file_naming_a_few_extra_layers_is_applied_without_them(
+    shipped, extra, signature, shared, tmp_path
+):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    source = SHIPPED / f"{shipped}.safetensors"
+    tensors = load_file(str(source))
+    with safe_open(str(source), "pt") as handle:
+        metadata = handle.metadata()
+    tensors[f"{extra}.lora_A.weight"] = torch.full((8, 32), 0.5)
+    tensors[f"{extra}.lora_B.weight"] = torch.full((32, 8), 0.5)
+    path = tmp_path / f"{shipped}-partial.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    item = prepared(path, signature)
+    assert item.report.skipped_layers == (extra,)
+    assert "1 layers this model lacks are skipped" in item.report.describe()["verdict"]
+    model, store = shared
+    store.activate(model, [(prepared(source, signature), 0.7)])
+    whole = render(model)
+    store.activate(model, [(item, 0.7)])
+    assert np.abs(render(model) - whole).max() <= ONE_LEVEL  # same strength, layer by layer
+    store.activate(model, [])
 
 
 def test_a_file_mostly_for_other_layers_is_refused_and_a_misfit_names_the_base(
