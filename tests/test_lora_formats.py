@@ -136,6 +136,31 @@ def test_each_format_matches_lycoris_merge(case, corpus, pipe, signature, shared
     assert np.array_equal(render(model), base)
 
 
+def test_loha_with_alpha_below_rank_applies_it_once(pipe, signature, shared, tmp_path):
+    """kohya, A1111 and ComfyUI scale a LoHa by alpha / rank once; LyCORIS 4.1.3's merge
+    scales it twice. The truth for alpha 2 at rank 4 (scale 1/2) is then LyCORIS's merge of
+    the same factors with alpha sqrt(2 * 4), whose twice-applied scale is (sqrt 8 / 4)^2."""
+    from safetensors.torch import load_file, save_file
+
+    path = write_lycoris_file(
+        pipe, tmp_path / "loha-a2.safetensors", algo="loha", std=0.4, linear_dim=4, linear_alpha=2
+    )
+    tensors = load_file(str(path))
+    assert {float(v) for k, v in tensors.items() if k.endswith(".alpha")} == {2.0}
+    squared = {
+        k: torch.full_like(v, 8**0.5) if k.endswith(".alpha") else v for k, v in tensors.items()
+    }
+    truth_file = tmp_path / "loha-truth.safetensors"
+    save_file(squared, str(truth_file))
+    model, store = shared
+    store.activate(model, [(prepared(path, signature), 1.0)])
+    ours = render(model)
+    store.activate(model, [])
+    truth = render(lycoris_merge(pipe, truth_file, 1.0))
+    assert np.abs(truth - render(pipe)).max() > 2
+    assert np.abs(ours - truth).max() <= ONE_LEVEL
+
+
 def test_per_module_alphas_loaded_plainly_are_caught_not_applied(corpus, pipe, signature):
     """The old path (the file straight into diffusers) puts most attention and
     text-encoder alphas nowhere; the post-load check sees it and refuses."""
