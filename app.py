@@ -62,6 +62,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "[env STENCIL_LORA_HOTSWAP_RANK]",
     )
     parser.add_argument(
+        "--allow-hub-loras",
+        action="store_true",
+        default=settings.env_flag(settings.ALLOW_HUB_LORAS),
+        help="let users add a LoRA from a public Hub repository (owner/name) to their own "
+        "session; off by default, as each is a download made on a user's request "
+        "[env STENCIL_ALLOW_HUB_LORAS]",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         default=settings.env_flag("STENCIL_COMPILE"),
@@ -74,12 +82,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="requests that may wait in the queue before new ones are turned away "
         "[env STENCIL_QUEUE_SIZE]",
     )
+    parser.add_argument(
+        "--queue-per-session",
+        type=whole(settings.QUEUE_PER_SESSION, "--queue-per-session"),
+        default=settings.QUEUE_PER_SESSION.read(os.environ),
+        help="requests one session may have waiting [env STENCIL_QUEUE_PER_SESSION]",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=whole(settings.BATCH_SIZE, "--batch-size"),
+        default=settings.BATCH_SIZE.read(os.environ),
+        help="images per forward pass; compatible requests share one, padded to this size so "
+        "no image depends on its companions (1: off) [env STENCIL_BATCH_SIZE]",
+    )
+    parser.add_argument(
+        "--max-overtakes",
+        type=whole(settings.MAX_OVERTAKES, "--max-overtakes"),
+        default=settings.MAX_OVERTAKES.read(os.environ),
+        help="how often a request may be passed by one whose LoRAs are already loaded "
+        "[env STENCIL_MAX_OVERTAKES]",
+    )
     return parser.parse_args(argv)
 
 
 def build_app(args: argparse.Namespace):
     """Engine, service and page, wired together; nothing is launched here."""
     from pipelines.engine import Engine
+    from pipelines.scheduler import QueueRules
     from pipelines.service import StencilService
     from ui import create_demo
 
@@ -87,7 +116,14 @@ def build_app(args: argparse.Namespace):
         args.model,
         lora_folder=args.loras,
         lora_hotswap_rank=args.lora_hotswap_rank or None,
+        allow_hub_loras=args.allow_hub_loras,
         compile_unet=args.compile,
+        queue_rules=QueueRules(
+            per_session=args.queue_per_session,
+            total=args.queue_size,
+            batch_size=args.batch_size,
+            max_overtakes=args.max_overtakes,
+        ),
     )
     service = StencilService(engine)
     return create_demo(service, queue_size=args.queue_size)

@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 # Every event that touches the model shares this id, so they run one at a time.
 MODEL_QUEUE = "stencil-model"
+PREVIEW_QUEUE = "stencil-preview"
+# Hub LoRA fetches (page and API) run one at a time too, beside the model: each is bounded
+# by the size cap, but many at once would take the server's bandwidth.
+HUB_QUEUE = "stencil-hub-loras"
 LORA_SLOTS = 3
 EXAMPLES_DIR = Path(__file__).with_name("examples")
 RESULT_OUTPUTS = 5  # images, control maps, seed used, recipe, snippet
@@ -226,6 +230,16 @@ def session_of(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "anonymous"
 
 
+def lora_slot_choices(service: StencilService, session: str | None) -> list[tuple[str, str]]:
+    """The LoRA slots' choices: none, the library, then the session's own LoRAs."""
+    return [("None", "")] + [(e["display_name"], e["name"]) for e in service.list_loras(session)]
+
+
+def added_message(entry: dict[str, Any]) -> str:
+    verdict = f": {entry['verdict']}" if "verdict" in entry else ""
+    return f"LoRA {entry['display_name']!r} added for this session as {entry['name']!r}{verdict}"
+
+
 def status_markdown(status: dict[str, Any]) -> str:
     # "none" would read like "missing": say what each kind means.
     words = {"none": "needs no weights", "real": "real weights", "stand-in": "offline stand-in"}
@@ -359,6 +373,11 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
 
     @at_the_edge
     def generate(request: gr.Request, progress=gr.Progress(), **values):
+        # Gradio registers a generator for /cancel only once its first step has returned;
+        # a cancel during that step would leave the run going unseen. So the first step
+        # starts nothing: the work begins on the second, when a cancel can close us.
+        progress(0, desc="waiting for the model")
+        yield (gr.skip(),) * RESULT_OUTPUTS
         session = session_of(request)
         token = stops.start(session)
         run = BackgroundRun(
@@ -367,7 +386,6 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
             )
         )
         try:
-            progress(0, desc="waiting for the model")
             for report in run.reports():
                 if report is not None:
                     done, total, stage = report
@@ -414,9 +432,7 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
     def stop(request: gr.Request):
         stops.stop(session_of(request))
 
-    lora_choices = [("None", "")] + [
-        (entry["display_name"], entry["name"]) for entry in service.list_loras()
-    ]
+    lora_choices = lora_slot_choices(service, None)
     request_fields = [item for item in service.fields if item.unit is None]
     groups = _by_group(request_fields)
     components: dict[str, Any] = {}
@@ -469,6 +485,8 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
                             file_types=[".safetensors"],
                             type="filepath",
                         )
+                        # Made only when the operator allows it (`--allow-hub-loras`).
+                        hub_row = hub_lora_row() if service.hub_loras_allowed else None
                 with gr.Accordion("Advanced", open=False):
                     _rows_of_two(groups["advanced"], components)
                     with gr.Row():
@@ -509,7 +527,10 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
             outputs=[gallery, maps, used_seed, recipe, snippet],
             api_name="generate",
             concurrency_id=MODEL_QUEUE,
-            concurrency_limit=1,
+            # Gradio only holds the connections: the engine's scheduler decides what runs
+            # on the model and in which order (fair turns, caps, batches), so every waiting
+            # request must reach it, with its place in line shown as progress.
+            concurrency_limit=queue_size + 1,
         )
         # Gradio's cancel takes a queued run out of the queue and closes a running one; the
         # token reaches the engine at once (the page's Stop and the API's Job.cancel() meet).
@@ -530,6 +551,7 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
         extra_loras = gr.State("")
         _wire_loras(service, slots, extra_loras, components["loras"], triggers, add_triggers,
                     components["prompt"], lora_file)  # fmt: skip
+        _wire_hub_loras(service, slots, hub_row)
         _wire_recipe_drop(restore_recipe, recipe_drop, inputs, slots, extra_loras, lora_choices)
         _examples(components["prompt"], units[0])
         demo.unload(forget_session)
@@ -569,7 +591,7 @@ def _wire_previews(units, fields, components, preview_control) -> None:
             outputs=unit.map,
             api_name="preview_control" if unit.position == 1 else None,
             api_visibility="public" if unit.position == 1 else "private",
-            concurrency_id=MODEL_QUEUE,
+            concurrency_id=PREVIEW_QUEUE,  # preprocessors, one at a time, beside generation
         )
 
 
@@ -611,12 +633,8 @@ def _wire_loras(service, slots, extra_loras, loras, triggers, add_triggers, prom
             entry = service.add_lora_upload(path, session_of(request))
         finally:
             discard_gradio_copy(path)  # Stencil keeps its own copy, for the session's life
-        verdict = f": {entry['verdict']}" if "verdict" in entry else ""
-        added = f"LoRA {entry['display_name']!r} added for this session as {entry['name']!r}"
-        gr.Info(added + verdict)
-        choices = [("None", "")] + [
-            (e["display_name"], e["name"]) for e in service.list_loras(session_of(request))
-        ]
+        gr.Info(added_message(entry))
+        choices = lora_slot_choices(service, session_of(request))
         return [gr.update(choices=choices) for _ in slots]
 
     flat = [component for slot in slots for component in slot]
@@ -625,6 +643,64 @@ def _wire_loras(service, slots, extra_loras, loras, triggers, add_triggers, prom
         component.change(trigger_words, flat, triggers, queue=False, api_visibility="private")
     add_triggers.click(add_words, [prompt, *flat], prompt, queue=False, api_visibility="private")
     lora_file.upload(upload, lora_file, [slot[0] for slot in slots], api_visibility="private")
+
+
+def hub_lora_row():
+    """The page's "LoRA from the Hub" controls: the repository, the file, the button."""
+    with gr.Row(elem_id="hub_lora"):
+        repo = gr.Textbox(
+            label="LoRA from the Hub: owner/name",
+            info="A public repository; only its .safetensors file is fetched, for you only.",
+            placeholder="owner/name",
+            max_lines=1,
+            max_length=200,
+            elem_id="hub_repo",
+            scale=3,
+        )
+        file = gr.Textbox(
+            label="File in it",
+            info="Only when it holds several .safetensors files.",
+            placeholder="path/in/repo.safetensors",
+            max_lines=1,
+            max_length=256,
+            elem_id="hub_file",
+            scale=3,
+        )
+        add = gr.Button("Add from the Hub", elem_id="hub_add", scale=1)
+    return repo, file, add
+
+
+def _wire_hub_loras(service, slots, hub_row) -> None:
+    """`/add_hub_lora` exists whatever the setting, so an API client learns why it is
+    refused; the page's row (`hub_row`) exists only when Hub LoRAs are allowed."""
+
+    @at_the_edge
+    def add_hub_lora(hub_repo: str, hub_file: str = "", request: gr.Request = None):
+        return service.add_hub_lora(hub_repo, hub_file, session_of(request))
+
+    @at_the_edge
+    def add_from_page(hub_repo: str, hub_file: str, request: gr.Request):
+        entry = service.add_hub_lora(hub_repo, hub_file, session_of(request))
+        gr.Info(added_message(entry))
+        choices = lora_slot_choices(service, session_of(request))
+        return [gr.update(choices=choices) for _ in slots]
+
+    gr.Button(visible=False).click(
+        add_hub_lora,
+        [gr.Textbox(visible=False), gr.Textbox("", visible=False)],  # hub_file optional
+        gr.JSON(visible=False),
+        api_name="add_hub_lora",
+        concurrency_id=HUB_QUEUE,
+    )
+    if hub_row is not None:
+        repo, file, add = hub_row
+        add.click(
+            add_from_page,
+            [repo, file],
+            [slot[0] for slot in slots],
+            api_visibility="private",
+            concurrency_id=HUB_QUEUE,
+        )
 
 
 def _wire_recipe_drop(restore_recipe, recipe_drop, inputs, slots, extra_loras, lora_choices):

@@ -1,15 +1,17 @@
 """The engine: one base model in memory, shared by every request.
 
-Per request it composes a pipeline view over the shared components (`from_pipe`: no
-weights are copied), gives it a fresh scheduler and generator, activates that request's
-LoRA set, and runs the denoising loop under one lock. Adapter activation, pipeline
-attributes and ControlNet residuals all live on shared modules, so two requests must
-never interleave on the model; everything before and after (validation, preprocessing,
-PNG encoding) runs outside the lock.
+Per request it checks the request and makes its control maps in the caller's thread, then
+hands the rest to the scheduler (pipelines.scheduler): one worker thread owns the model and
+runs jobs in a fair order, several at once when they share a forward pass. For each run it
+activates the LoRA set, composes a pipeline view over the shared components (`from_pipe`:
+no weights are copied) with a fresh noise scheduler, and denoises. Adapter activation,
+pipeline attributes and ControlNet residuals all live on shared modules, so two runs must
+never interleave on the model; validation, preprocessing and PNG encoding stay outside.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
@@ -34,6 +36,7 @@ from .map_cache import MapCache
 from .model_check import describe_component_failure, describe_load_failure
 from .recipe import Recipe
 from .requests import GenerationRequest, GenerationResult, ProgressCallback
+from .scheduler import FairScheduler, Job, QueueRules
 from .schedulers import get_scheduler_spec
 from .settings import BUDGETS, cache_dir, env_choice, env_text
 
@@ -104,15 +107,21 @@ class Engine:
         notice: str | None = None,
         lora_folder: Path | str | None = None,
         lora_hotswap_rank: int | None = None,
+        allow_hub_loras: bool = False,
         compile_unet: bool = False,
         map_cache_size: int = 64,
         map_cache_bytes: int | None = None,
+        queue_rules: QueueRules | None = None,
     ):
         self.family = family
         self.cache_root = Path(cache_root) if cache_root else cache_dir()
         self.device, self.dtype = pick_device_and_dtype(family, device, dtype)
         self.notice = notice
         self._lock = threading.RLock()
+        self.scheduler = FairScheduler(self._run_batch, queue_rules)
+        self._counting_lock = threading.Lock()
+        self._preprocess_lock = threading.Lock()
+        self._counting_tokenizer = None
         self._controlnets: dict[str, Any] = {}
         self._controlnet_revisions: dict[str, str | None] = {}
         # Bounded by bytes as well as count (STENCIL_MAP_CACHE_MB): one large map can
@@ -125,7 +134,7 @@ class Engine:
         # Weights for every preprocessor are found (or stand-ins built) now, at start-up,
         # so that building the page or reporting status never downloads or writes.
         self.preprocessor_weights_by_control = self._resolve_preprocessors()
-        self.loras = self._open_lora_library(lora_folder, lora_hotswap_rank)
+        self.loras = self._open_lora_library(lora_folder, lora_hotswap_rank, allow_hub_loras)
         self._smoke_test()
         if compile_unet:
             self._compile_unet()
@@ -168,13 +177,16 @@ class Engine:
         pipe.set_progress_bar_config(disable=True)
         return pipe, cached_revision(source, "model_index.json")
 
-    def _open_lora_library(self, folder, hotswap_rank: int | None):
+    def _open_lora_library(self, folder, hotswap_rank: int | None, allow_hub_loras: bool):
         if not folder:
             return None
         from .loras import LoraLibrary
 
         library = LoraLibrary(
-            Path(folder), base_tag=self.family.compat_tag, hotswap_rank=hotswap_rank
+            Path(folder),
+            base_tag=self.family.compat_tag,
+            hotswap_rank=hotswap_rank,
+            allow_hub_loras=allow_hub_loras,
         )
         # Binding now sets up hotswap slots before any compilation sees the UNet.
         library.bind(self.base)
@@ -269,9 +281,12 @@ class Engine:
         cached = self._map_cache.get(key)
         if cached is not None:
             return cached
-        control_map = controls.make_map(
-            unit.control_type, image, unit.resolution, unit.param_dict, device=self.device
-        )
+        # One map at a time, whoever asks (a preview, or any waiting request): a pose map
+        # can take a second and most of a gigabyte, so this bounds the whole server's.
+        with self._preprocess_lock:
+            control_map = controls.make_map(
+                unit.control_type, image, unit.resolution, unit.param_dict, device=self.device
+            )
         self._map_cache.put(key, control_map)
         return control_map
 
@@ -294,10 +309,17 @@ class Engine:
         width, height = self._output_size(request)
         maps = self._control_maps(request.controls, cancel)
         warnings = self._prompt_warnings(prompt, request.negative_prompt)
-        with self._acquire(cancel):
-            applied_loras = self._activate_loras(loras, request.session_id)
-            pipe = self._compose(request, maps)
-            images = self._run(pipe, request, prompt, seeds, width, height, maps, progress, cancel)
+        work = _Work(request, prompt, loras, seeds, width, height, maps)
+        job = Job(
+            session=request.session_id,
+            samples=len(seeds),
+            adapter_key=work.adapter_key(self),
+            batch_key=work.batch_key(self),
+            payload=work,
+            cancel=cancel,
+            progress=progress,
+        )
+        images, applied_loras = self.scheduler.run(job)
         resolved = {"prompt": prompt, "seed": seed, "width": width, "height": height}
         recipe = self._recipe(request, resolved, applied_loras)
         return GenerationResult(
@@ -317,19 +339,6 @@ class Engine:
                 raise GenerationCancelled(f"stopped before making control map {position}")
             maps.append(self.control_map(unit))
         return tuple(maps)
-
-    @contextmanager
-    def _acquire(self, cancel: CancelToken):
-        # Poll so that a request cancelled while it waits never touches the model.
-        while not self._lock.acquire(timeout=0.05):
-            if cancel.cancelled:
-                raise GenerationCancelled("stopped before it started")
-        try:
-            if cancel.cancelled:
-                raise GenerationCancelled("stopped before it started")
-            yield
-        finally:
-            self._lock.release()
 
     def _split_lora_tags(self, request: GenerationRequest):
         if self.loras is None:
@@ -364,18 +373,15 @@ class Engine:
         return request.width or width, request.height or height
 
     def _prompt_warnings(self, prompt: str, negative: str) -> list[str]:
-        tokenizer = self.base.tokenizer
-        limit = tokenizer.model_max_length - 2  # start and end tokens take two places
-        warnings = []
-        for label, text in (("prompt", prompt), ("negative prompt", negative)):
-            ids = tokenizer(text, truncation=False, add_special_tokens=False).input_ids
-            if len(ids) > limit:
-                dropped = tokenizer.decode(ids[limit:]).strip()
-                warnings.append(
-                    f"The {label} is {len(ids)} tokens; the model reads the first {limit}. "
-                    f"Ignored: “{dropped[:120]}”"
-                )
-        return warnings
+        # Callers' threads count tokens while the worker encodes prompts. A tokenizer call
+        # sets its truncation and padding state first, so sharing the pipeline's would let
+        # this count switch off the worker's padding mid-call: the length check has its own.
+        with self._counting_lock:
+            if self._counting_tokenizer is None:
+                self._counting_tokenizer = copy.deepcopy(self.base.tokenizer)
+            return _too_long_warnings(self._counting_tokenizer, prompt, negative)
+
+    # ---- the scheduler's worker ------------------------------------------------------
 
     def _compose(self, request: GenerationRequest, maps):
         """A pipeline view over the shared weights with this request's own scheduler."""
@@ -394,31 +400,63 @@ class Engine:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def _run(self, pipe, request, prompt, seeds, width, height, maps, progress, cancel):
+    def _run_batch(self, jobs) -> list[tuple[list, list[dict]]]:
+        """The scheduler's worker runs this: the jobs share everything but their prompts,
+        seeds and control images (one `batch_key`), so one LoRA set and one view serve all."""
+        lead = jobs[0].payload
+        with self._lock:
+            applied_loras = self._activate_loras(lead.loras, lead.request.session_id)
+            pipe = self._compose(lead.request, lead.maps)
+            samples = [(job, index) for job in jobs for index in range(job.samples)]
+            images = self._run(pipe, jobs, samples)
+        per_job: dict[int, list] = {job.number: [] for job in jobs}
+        for (job, _), image in zip(samples, images, strict=True):
+            per_job[job.number].append(image)
+        return [(per_job[job.number], applied_loras) for job in jobs]
+
+    def _run(self, pipe, jobs, samples) -> list:
+        """Every forward pass has `batch_size` samples: places no job fills are padded with
+        a copy of the pass's first sample, so that what a sample gets (kernels pick their
+        reduction order by shape) never depends on who else is in the pass."""
         import torch
 
-        total = request.steps
+        size = self.scheduler.rules.batch_size
+        chunks = [samples[start : start + size] for start in range(0, len(samples), size)]
+        lead = jobs[0].payload
+        steps = lead.request.steps
+        images: list = []
+        for number, chunk in enumerate(chunks):
+            padded = chunk + [chunk[0]] * (size - len(chunk))
+            works = [job.payload for job, _ in padded]
 
-        def on_step_end(pipeline, step: int, timestep, callback_kwargs):
-            if cancel.cancelled:
-                raise GenerationCancelled(f"stopped after step {step + 1} of {total}")
-            if progress is not None:
-                progress(step + 1, total, "denoising")
-            return callback_kwargs
+            def on_step_end(pipeline, step: int, timestep, callback_kwargs, number=number):
+                if all(job.stopped for job in jobs):
+                    raise GenerationCancelled(f"stopped after step {step + 1} of {steps}")
+                done = number * steps + step + 1
+                for job in jobs:
+                    job.report(done, steps * len(chunks), "denoising")
+                return callback_kwargs
 
-        # One CPU generator per image: image i is reproducible alone with seed + i.
-        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-        options = pipeline_arguments(request, maps)
-        options.update(
-            prompt=prompt,
-            width=width,
-            height=height,
-            num_images_per_prompt=request.num_images,
-            generator=generators,
-            callback_on_step_end=on_step_end,
-        )
-        with torch.inference_mode(), _clip_skip_reachable(pipe, options.get("clip_skip")):
-            return pipe(**options).images
+            options = pipeline_arguments(lead.request, lead.maps)
+            options.update(
+                prompt=[work.prompt for work in works],
+                negative_prompt=[work.request.negative_prompt for work in works],
+                width=lead.width,
+                height=lead.height,
+                num_images_per_prompt=1,
+                # One CPU generator per sample: image i is reproducible alone with seed + i.
+                generator=[
+                    torch.Generator(device="cpu").manual_seed(job.payload.seeds[index])
+                    for job, index in padded
+                ],
+                callback_on_step_end=on_step_end,
+            )
+            if lead.maps:
+                # diffusers' nested form for several ControlNets: one list per sample
+                options["image"] = [list(work.maps) for work in works]
+            with torch.inference_mode(), _clip_skip_reachable(pipe, options.get("clip_skip")):
+                images += pipe(**options).images[: len(chunk)]
+        return images
 
     def _recipe(self, request, resolved, applied_loras) -> Recipe:
         from .recipe import build_recipe
@@ -438,6 +476,60 @@ class Engine:
 
     def preprocessor_weights(self, unit) -> str:
         return self.preprocessor_weights_by_control[unit.control_type]
+
+
+@dataclass(frozen=True)
+class _Work:
+    """A request as the worker runs it: checked, its LoRA tags split off, its maps made."""
+
+    request: GenerationRequest
+    prompt: str
+    loras: tuple
+    seeds: tuple[int, ...]
+    width: int
+    height: int
+    maps: tuple
+
+    def adapter_key(self, engine: Engine) -> tuple:
+        """What must be on the model for this request: its LoRA set and ControlNets."""
+        chosen = tuple(sorted((choice.name, float(choice.weight)) for choice in self.loras))
+        return chosen, tuple(map(engine.controlnet_ref, self.request.controls))
+
+    def batch_key(self, engine: Engine) -> tuple | None:
+        """Equal for requests one forward pass can serve: everything but prompts, seeds and
+        control images. An uploaded LoRA is its session's, so its requests batch alone."""
+        if engine.scheduler.rules.batch_size <= 1:
+            return None
+        shared = pipeline_arguments(self.request, self.maps)
+        for per_sample in ("prompt", "negative_prompt", "image"):
+            shared.pop(per_sample, None)
+        uploads = any(choice.name.startswith("upload-") for choice in self.loras)
+        return (
+            self.adapter_key(engine),
+            self.request.session_id if uploads else None,
+            self.request.scheduler,
+            self.width,
+            self.height,
+            tuple(sorted((key, _hashable(value)) for key, value in shared.items())),
+        )
+
+
+def _too_long_warnings(tokenizer, prompt: str, negative: str) -> list[str]:
+    limit = tokenizer.model_max_length - 2  # start and end tokens take two places
+    warnings = []
+    for label, text in (("prompt", prompt), ("negative prompt", negative)):
+        ids = tokenizer(text, truncation=False, add_special_tokens=False).input_ids
+        if len(ids) > limit:
+            dropped = tokenizer.decode(ids[limit:]).strip()
+            warnings.append(
+                f"The {label} is {len(ids)} tokens; the model reads the first {limit}. "
+                f"Ignored: “{dropped[:120]}”"
+            )
+    return warnings
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(map(_hashable, value)) if isinstance(value, (list, tuple)) else value
 
 
 def pipeline_arguments(request: GenerationRequest, maps) -> dict[str, Any]:

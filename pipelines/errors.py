@@ -45,6 +45,11 @@ class ModelLoadError(StencilError, RuntimeError):
     """Weights that could not be found or loaded."""
 
 
+class HubUnavailableError(StencilError, RuntimeError):
+    """The server cannot fetch from the Hugging Face Hub for a user: turned off by the
+    operator, or offline. The message says which; the request itself was well formed."""
+
+
 class LoraRejectedError(StencilError, ValueError):
     """A LoRA file refused by validation, with the reason."""
 

@@ -2,7 +2,8 @@
 
 Users only ever pass names. A name is looked up in the catalogue (or in the caller's own
 session uploads); it never becomes a path. Catalogue files are resolved inside the library
-folder and uploads are stored under their content hash.
+folder and uploads are stored under their content hash. A LoRA a user fetched from the Hub
+by id (`pipelines.lora_hub`) is stored as an upload of that session, remembering its source.
 
 The catalogue knows no model: it imports neither torch nor diffusers, and whether a file
 fits the loaded model is `pipelines.lora_sources`' question. The UI lists and uploads from
@@ -32,11 +33,13 @@ from .settings import cache_dir
 from .storage import prune_older_than
 
 CATALOGUE_FILE = "catalog.json"
+HUB_LICENCE = "fetched from the Hub by the user: see the repository's licence"
 FAMILY_LABELS = {"sd15": "SD 1.5", "sdxl": "SDXL", "tiny": "the tiny test model"}
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,79}")
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 UPLOAD_PREFIX = "upload-"
+HUB_PREFIX = "hub-"  # a session's LoRA fetched from the Hub by id
 # A stored upload belongs to the sessions that uploaded it and goes when the last one
 # closes. A file this old was left by a run that ended without closing its sessions.
 STALE_UPLOAD_S = 86400
@@ -80,9 +83,9 @@ class LoraEntry:
 
     @property
     def source_kind(self) -> str:
-        if self.upload_sha256 is not None:
-            return "upload"
-        return "hub" if self.hub is not None else "file"
+        if self.hub is not None:  # a catalogue Hub entry, or a session's fetched by id
+            return "hub"
+        return "upload" if self.upload_sha256 is not None else "file"
 
     def to_public_dict(self) -> dict[str, Any]:
         """What the API and UI may show: never a path or a session id."""
@@ -99,7 +102,10 @@ class LoraEntry:
         }
         if self.hub is not None:
             public.update(
-                repo_id=self.hub.repo_id, revision=self.hub.revision, pinned=self.hub.pinned
+                repo_id=self.hub.repo_id,
+                weight_name=self.hub.weight_name,
+                revision=self.hub.revision,
+                pinned=self.hub.pinned,
             )
         if self.report is not None:
             public.update(self.report.describe())
@@ -136,6 +142,14 @@ class CheckedUpload:
     filename: str
     display_name: str
     file: SafetensorsFile = field(repr=False)
+    hub: HubSource | None = None  # where bytes fetched from the Hub by id came from
+
+    @property
+    def entry_name(self) -> str:
+        """The name its session chooses it by; the file name only shapes it."""
+        if self.hub is not None:
+            return hub_upload_name(self.session_id, self.hub.repo_id, self.hub.weight_name)
+        return f"{UPLOAD_PREFIX}{_session_tag(self.session_id)}-{_name_stem(self.filename)}"
 
 
 class LoraCatalogue:
@@ -231,11 +245,13 @@ class LoraCatalogue:
 
     # ---- uploads
 
-    def check_upload(self, data: bytes, filename: str, session_id: str) -> CheckedUpload:
-        """Check the upload's bytes (size, safetensors layout); the model is not consulted."""
-        if not isinstance(session_id, str) or not session_id:
-            raise InvalidRequestError("session_id", session_id, "an upload needs a session")
-        display = _display_name(filename)
+    def check_upload(
+        self, data: bytes, filename: str, session_id: str, *, hub: HubSource | None = None
+    ) -> CheckedUpload:
+        """Check the upload's bytes (size, safetensors layout); the model is not consulted.
+        `hub`: the bytes were fetched from there (`pipelines.lora_hub`), not uploaded."""
+        _check_session(session_id)
+        display = _display_name(filename) if hub is None else _hub_display_name(hub)
         if not isinstance(data, (bytes, bytearray)):
             raise InvalidRequestError("lora upload", type(data).__name__, "must be file bytes")
         if len(data) > self.max_upload_bytes:
@@ -245,38 +261,42 @@ class LoraCatalogue:
                 f" {self.max_upload_bytes / MiB:.0f} MB limit",
             )
         file = read_safetensors(bytes(data), name=display, max_bytes=self.max_upload_bytes)
-        return CheckedUpload(session_id, filename, display, file)
+        return CheckedUpload(session_id, filename, display, file, hub=hub)
+
+    def check_room_for(self, session_id: str, hub: HubSource, size: int) -> None:
+        """Refuse now what `add_upload` would refuse later (the session's count, the stored
+        bytes' budget): asked before a Hub download, so a refused file is never fetched."""
+        _check_session(session_id)
+        name = hub_upload_name(session_id, hub.repo_id, hub.weight_name)
+        display_name = _hub_display_name(hub)
+        with self._lock:
+            self._check_session_room(session_id, name, display_name)
+            self._check_room(hub.sha256, size, display_name)  # the Hub's digest is the hash
 
     def add_upload(self, upload: CheckedUpload) -> LoraEntry:
         """Store a checked upload under its content hash and make it choosable by its session.
 
         The user's file name only shapes the entry's name and display name.
         """
-        session_id = upload.session_id
-        name = f"{UPLOAD_PREFIX}{_session_tag(session_id)}-{_name_stem(upload.filename)}"
+        session_id, name = upload.session_id, upload.entry_name
         sha256 = upload.file.sha256
         entry = LoraEntry(
             name=name,
             display_name=upload.display_name,
             base=self.base_tag,
-            licence="uploaded by the user",
+            hub=upload.hub,
+            licence="uploaded by the user" if upload.hub is None else HUB_LICENCE,
             upload_sha256=sha256,
             session_id=session_id,
         )
         # Stored under the lock, so a closing session cannot delete the file between our
         # write and our claim on it (writing a LoRA takes a fraction of a second).
         with self._lock:
-            session = self._uploads.setdefault(session_id, {})
-            if name not in session and len(session) >= self.max_uploads_per_session:
-                raise InvalidRequestError(
-                    "lora upload",
-                    upload.display_name,
-                    f"a session may hold {self.max_uploads_per_session} uploaded LoRAs",
-                )
+            self._check_session_room(session_id, name, upload.display_name)
             self._check_room(sha256, len(upload.file.data), upload.display_name)
             self._store_upload(upload.file.data, sha256)
             self._stored_sizes[sha256] = len(upload.file.data)
-            session[name] = entry
+            self._uploads.setdefault(session_id, {})[name] = entry
         return entry
 
     def forget_session(self, session_id: str) -> list[Path]:
@@ -298,7 +318,18 @@ class LoraCatalogue:
         with self._lock:
             return sum(self._stored_sizes.values())
 
-    def _check_room(self, sha256: str, size: int, display_name: str) -> None:
+    def _check_session_room(self, session_id: str, name: str, display_name: str) -> None:
+        """Refuse a new name past the session's count (the same name replaces its entry);
+        the caller holds the lock."""
+        session = self._uploads.get(session_id, {})
+        if name not in session and len(session) >= self.max_uploads_per_session:
+            raise InvalidRequestError(
+                "lora upload",
+                display_name,
+                f"a session may hold {self.max_uploads_per_session} uploaded LoRAs",
+            )
+
+    def _check_room(self, sha256: str | None, size: int, display_name: str) -> None:
         """Refuse an upload that would take the stored uploads past their budget."""
         if self.max_stored_bytes is None or sha256 in self._stored_sizes:
             return  # already stored for another session: it costs nothing more
@@ -322,6 +353,11 @@ class LoraCatalogue:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
             os.replace(tmp, path)
+
+    def scratch_folder(self) -> Path:
+        """Where a file on its way in (a Hub download) waits to be read: on the uploads'
+        disk, and pruned with them at start when a killed run left it behind."""
+        return self._uploads_folder()
 
     def _uploads_folder(self) -> Path:
         self._uploads_dir.mkdir(parents=True, exist_ok=True)
@@ -408,10 +444,12 @@ def _parse_name(name: Any, where: str) -> str:
         raise CatalogueError(
             f"{where}: name {name!r} must be lowercase letters, digits, '-', '_' or '.'"
         )
-    if name.startswith(UPLOAD_PREFIX):
-        raise CatalogueError(
-            f"{where} ({name}): names starting with {UPLOAD_PREFIX!r} are for uploads"
-        )
+    for prefix in (UPLOAD_PREFIX, HUB_PREFIX):
+        if name.startswith(prefix):
+            raise CatalogueError(
+                f"{where} ({name}): names starting with {prefix!r} are for a session's"
+                " uploads and Hub LoRAs"
+            )
     return name
 
 
@@ -476,13 +514,34 @@ def _family(tag: str) -> str:
     return FAMILY_LABELS.get(tag, tag)
 
 
+def _check_session(session_id: Any) -> None:
+    if not isinstance(session_id, str) or not session_id:
+        raise InvalidRequestError("session_id", session_id, "an upload needs a session")
+
+
 def _session_tag(session_id: str) -> str:
     return hashlib.sha256(session_id.encode("utf-8")).hexdigest()[:8]
 
 
+def hub_upload_name(session_id: str, repo_id: str, weight_name: str) -> str:
+    """`hub-<8 hex>-<repo name>`: the hex differs per session and per file, so two repos
+    of one name, or two files of one repo, never replace each other in a session."""
+    source = "\n".join((session_id, repo_id, weight_name)).encode("utf-8")
+    tag = hashlib.sha256(source).hexdigest()[:8]
+    return f"{HUB_PREFIX}{tag}-{_slug(repo_id.rsplit('/', 1)[-1])}"
+
+
+def _hub_display_name(hub: HubSource) -> str:
+    # Both parts passed lora_hub's strict patterns: plain ASCII, nothing to clean.
+    return f"{Path(hub.weight_name).name} from {hub.repo_id}"
+
+
 def _name_stem(filename: Any) -> str:
-    stem = Path(str(filename or "")).name.rsplit(".", 1)[0].lower()
-    return re.sub(r"[^a-z0-9]+", "-", stem).strip("-")[:32].strip("-") or "lora"
+    return _slug(Path(str(filename or "")).name.rsplit(".", 1)[0])
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:32].strip("-") or "lora"
 
 
 def _display_name(filename: Any) -> str:

@@ -1,6 +1,7 @@
 """The LoRA library: what the engine and the service use, composed of three parts.
 
 - `pipelines.lora_catalogue`: the names a user can choose (catalogue file, session uploads).
+- `pipelines.lora_hub`: a LoRA a user names by Hub id, listed and fetched for their session.
 - `pipelines.lora_sources`: each name's file, found, downloaded and checked against the model.
 - `pipelines.adapters`: the adapters on the shared model, behind one `AdapterStore` interface.
 
@@ -16,8 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from .adapters import AdapterStore, build_adapter_store
-from .lora_catalogue import CatalogueError, HubSource, LoraCatalogue, LoraEntry, load_catalogue
+from .errors import HubUnavailableError
+from .lora_catalogue import (
+    CatalogueError,
+    CheckedUpload,
+    HubSource,
+    LoraCatalogue,
+    LoraEntry,
+    load_catalogue,
+)
 from .lora_files import MAX_FILE_BYTES, LoraFileReport, MiB, ModelSignature
+from .lora_hub import HUB_LORAS_OFF, download_hub_lora, find_hub_lora, parse_hub_lora
 from .lora_sources import LoraSources
 from .lora_text import check_unique
 from .requests import LoraChoice
@@ -32,7 +42,8 @@ class LoraLibrary:
     `max_loaded` and `memory_budget_mb` bound the adapters kept in memory (least recently
     used go first, never one of the set being activated). With `hotswap_rank`, adapters are
     swapped into a fixed set of `hotswap_slots` slots instead (for a `torch.compile`d UNet:
-    no recompilation); call `bind(pipe)` before compiling.
+    no recompilation); call `bind(pipe)` before compiling. With `allow_hub_loras`, a user may
+    add a LoRA from a public Hub repository to their session (`add_hub_lora`).
     """
 
     def __init__(
@@ -51,8 +62,11 @@ class LoraLibrary:
         uploads_dir: Path | None = None,
         hub_cache_dir: Path | None = None,
         allow_downloads: bool = True,
+        allow_hub_loras: bool = False,
     ):
         self.hotswap_rank = hotswap_rank
+        # Users' Hub ids (`--allow-hub-loras`); `allow_downloads` is about the catalogue's.
+        self.allow_hub_loras = allow_hub_loras
         self.store: AdapterStore = build_adapter_store(
             max_loaded=max_loaded,
             memory_budget_bytes=int(memory_budget_mb * MiB),
@@ -127,7 +141,28 @@ class LoraLibrary:
         Its bytes and values are checked now; its keys against the model once `bind` has
         seen it (otherwise at first activation).
         """
-        upload = self.catalogue.check_upload(data, filename, session_id)
+        return self._admit(self.catalogue.check_upload(data, filename, session_id))
+
+    def add_hub_lora(self, repo: Any, file: Any, session_id: str) -> LoraEntry:
+        """Fetch one `.safetensors` LoRA from a public Hub repository for this session only.
+
+        Refused unless the operator allowed it. The file is picked from the repository's
+        listing and its size checked there, before any download; it is fetched at the
+        commit that listing named (so the recipe says exactly what was used), then checked
+        and stored exactly as an upload: same owner, lifetime and byte budget.
+        """
+        if not self.allow_hub_loras:
+            raise HubUnavailableError(HUB_LORAS_OFF)
+        limit = self.max_upload_bytes
+        found = find_hub_lora(parse_hub_lora(repo, file), max_bytes=limit)
+        self.catalogue.check_room_for(session_id, found.source, found.size)
+        data = download_hub_lora(found, max_bytes=limit, scratch=self.catalogue.scratch_folder())
+        return self._admit(
+            self.catalogue.check_upload(data, found.filename, session_id, hub=found.source)
+        )
+
+    def _admit(self, upload: CheckedUpload) -> LoraEntry:
+        """Check the upload against the model (when bound), then make it choosable."""
         report = self.sources.check_upload(upload.file, upload.display_name)
         entry = self.catalogue.add_upload(upload)
         if report is not None:
@@ -135,8 +170,8 @@ class LoraLibrary:
         return self.sources.with_report(entry)
 
     def forget_session(self, session_id: str) -> None:
-        """Drop a session's uploads from lookups and their files no other session holds
-        (loaded adapters age out by LRU)."""
+        """Drop a session's uploads (and Hub LoRAs) from lookups and their files no other
+        session holds (loaded adapters age out by LRU)."""
         self.sources.forget_files(self.catalogue.forget_session(session_id))
 
     # ---- the model

@@ -13,7 +13,9 @@ import struct
 from pathlib import Path
 
 # An absolute path inside a message: replaced by its last part, so no machine path leaves.
-_ABSOLUTE_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s'\"`:,;()\[\]<>]+){2,}")
+# One glued to a name before it (a Hub id's `owner/name/file.safetensors`) is no machine
+# path: it is left whole.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.-])(?:[A-Za-z]:)?(?:[\\/][^\s'\"`:,;()\[\]<>]+){2,}")
 
 
 def without_paths(text: str) -> str:

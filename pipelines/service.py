@@ -117,9 +117,21 @@ class StencilService:
         entry = self.engine.loras.add_upload(data, Path(path).name, session_id)
         return entry.to_public_dict()
 
+    @property
+    def hub_loras_allowed(self) -> bool:
+        """Whether the operator lets users add LoRAs from the Hub by id (`--allow-hub-loras`)."""
+        return self.engine.loras is not None and self.engine.loras.allow_hub_loras
+
+    def add_hub_lora(self, hub_repo: Any, hub_file: Any, session_id: str) -> dict[str, Any]:
+        """Fetch one LoRA from a public Hub repository (`owner/name`, and the file's path in
+        it when it holds several) and register it for this session only, as an upload."""
+        if self.engine.loras is None:
+            raise InvalidRequestError("hub_repo", hub_repo, "this server has no LoRA library")
+        return self.engine.loras.add_hub_lora(hub_repo, hub_file, session_id).to_public_dict()
+
     def forget_session(self, session_id: str) -> None:
-        """A closed session's state goes: its uploaded LoRAs, and their files when no other
-        session uploaded the same bytes."""
+        """A closed session's state goes: its uploaded LoRAs (and Hub LoRAs), and their
+        files when no other session holds the same bytes."""
         if self.engine.loras is not None:
             self.engine.loras.forget_session(session_id)
 

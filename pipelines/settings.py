@@ -62,9 +62,19 @@ MAX_PROMPT_CHARS = WholeSetting("STENCIL_MAX_PROMPT_CHARS", 2000, 100, 20000)
 MAX_IMAGE_PIXELS = WholeSetting("STENCIL_MAX_IMAGE_PIXELS", 40_000_000, 1, 400_000_000)
 MAX_UPLOAD_BYTES = WholeSetting("STENCIL_MAX_UPLOAD_BYTES", 20 * 2**20, 1, 2**31)
 QUEUE_SIZE = WholeSetting("STENCIL_QUEUE_SIZE", 32, 1, 10_000)
+# The scheduler's rules (pipelines/scheduler.py). A small per-session cap keeps one person
+# from filling the queue; batches of one are the CPU default, chosen by
+# bench/results/many_users.md (on a CPU a padded batch costs more than it gains).
+QUEUE_PER_SESSION = WholeSetting("STENCIL_QUEUE_PER_SESSION", 4, 1, 1000)
+BATCH_SIZE = WholeSetting("STENCIL_BATCH_SIZE", 1, 1, 16)
+MAX_OVERTAKES = WholeSetting("STENCIL_MAX_OVERTAKES", 2, 0, 100)
 PORT = WholeSetting("GRADIO_SERVER_PORT", 7860, 1, 65535)
 # 0: hotswap off (adapters loaded by name); otherwise the rank every slot is padded to.
 LORA_HOTSWAP_RANK = WholeSetting("STENCIL_LORA_HOTSWAP_RANK", 0, 0, 1024)
+# A yes/no setting (`env_flag`), off unless the operator turns it on: users may add LoRAs
+# from the Hub by id (`--allow-hub-loras`). Each is a download this server makes on a
+# stranger's request, so a public Space must choose it.
+ALLOW_HUB_LORAS = "STENCIL_ALLOW_HUB_LORAS"
 
 
 @dataclass(frozen=True)

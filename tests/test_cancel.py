@@ -99,17 +99,22 @@ def test_job_cancel_stops_the_run_within_one_step_and_frees_the_model(served, en
     engine._lock.release()
 
 
-def test_a_run_cancelled_while_queued_never_starts(served):
+def test_a_run_cancelled_while_queued_never_starts(served, engine):
+    """Gradio hands every request to the engine's scheduler, where it waits its turn; a
+    cancel there takes it out of the line before any step of it runs."""
     runs, url = served
     holder = Client(url, verbose=False).submit(prompt="held", steps=4, api_name="/generate")
     assert runs.holding.wait(120)
     queued = Client(url, verbose=False).submit(prompt="queued", steps=2, api_name="/generate")
-    _wait_until(lambda: queued.status().code.name in ("IN_QUEUE", "QUEUE"), "it was queued")
+    _wait_until(lambda: engine.scheduler.waiting_count() == 1, "it was queued")
     queued.cancel()
+    _wait_until(lambda: "queued" in runs.outcomes, "the queued run ended")
     runs.release.set()
     holder.result(timeout=120)
     after = Client(url, verbose=False).predict(prompt="after", steps=1, api_name="/generate")
-    assert after and runs.started == ["held", "after"]
+    assert after and runs.started == ["held", "queued", "after"]
+    assert runs.outcomes["queued"] == "cancelled"
+    assert runs.steps.get("queued", 0) == 0  # not one denoising step of it ran
 
 
 def test_the_stop_button_cancels_the_generate_event(served):

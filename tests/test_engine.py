@@ -136,32 +136,9 @@ def test_eight_concurrent_requests_each_equal_the_request_run_alone(engine):
         assert [img.tobytes() for img in result.images] == expected, request
 
 
-class _WatchedLock:
-    """The engine's lock, unchanged, except that it reports each time a thread finds it
-    held by another thread (it then waits exactly as the engine asked)."""
-
-    def __init__(self, lock, on_refused):
-        self._lock = lock
-        self._on_refused = on_refused
-
-    def acquire(self, blocking=True, timeout=-1):
-        if self._lock.acquire(blocking=False):
-            return True
-        self._on_refused()
-        return self._lock.acquire(blocking, timeout) if blocking else False
-
-    def release(self):
-        self._lock.release()
-
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.release()
-
-
 def test_a_second_request_waits_while_the_first_holds_the_model(engine, monkeypatch):
+    """Requests reach the model only through the scheduler's one worker: a request that
+    arrives while another runs waits in line, and both images are their solo bytes."""
     first = small(seed=21, loras=(LoraChoice("tiny-ink", 1.0),))
     second = small(seed=22)
     expected = {
@@ -170,38 +147,34 @@ def test_a_second_request_waits_while_the_first_holds_the_model(engine, monkeypa
     }
 
     events: list[tuple[str, str]] = []  # (what, which request), in the order they happened
-    events_lock = threading.Lock()
     first_holds_the_model = threading.Event()
-    second_arrived = threading.Event()  # turned away by the lock, or (without it) inside
+    second_queued = threading.Event()
+    activate, run, submit = engine._activate_loras, engine._run, engine.scheduler.submit
 
-    def note(what):
-        who = threading.current_thread().name
-        with events_lock:
-            if (what, who) not in events:  # the lock is polled: each refusal counts once
-                events.append((what, who))
-        if who == "second":
-            second_arrived.set()
-
-    activate, run = engine._activate_loras, engine._run
-
-    def entering(*args, **kwargs):  # the first thing a request does with the model
-        note("enter")
-        if threading.current_thread().name == "first":
+    def entering(loras, session_id):  # the first thing a run does with the model
+        who = "first" if loras else "second"
+        events.append(("enter", who))
+        if who == "first":
             first_holds_the_model.set()
-            # Hold the model until the second request has either been turned away by the
-            # lock or got in beside us: no sleeping, no timing.
-            assert second_arrived.wait(timeout=60), "the second request never arrived"
-        return activate(*args, **kwargs)
+            # Hold the model until the second request is in line: no sleeping, no timing.
+            assert second_queued.wait(timeout=60), "the second request never queued"
+        return activate(loras, session_id)
 
-    def leaving(*args, **kwargs):  # the last thing it does with the model
+    def leaving(pipe, jobs, samples):  # the last thing it does with the model
         try:
-            return run(*args, **kwargs)
+            return run(pipe, jobs, samples)
         finally:
-            note("exit")
+            events.append(("exit", "first" if jobs[0].payload.loras else "second"))
+
+    def queued(job):
+        submit(job)
+        if not job.payload.loras:
+            events.append(("queued", "second"))
+            second_queued.set()
 
     monkeypatch.setattr(engine, "_activate_loras", entering)
     monkeypatch.setattr(engine, "_run", leaving)
-    monkeypatch.setattr(engine, "_lock", _WatchedLock(engine._lock, lambda: note("refused")))
+    monkeypatch.setattr(engine.scheduler, "submit", queued)
 
     results, errors = {}, {}
 
@@ -226,7 +199,7 @@ def test_a_second_request_waits_while_the_first_holds_the_model(engine, monkeypa
 
     assert events == [
         ("enter", "first"),
-        ("refused", "second"),  # the second request reached the lock while it was held
+        ("queued", "second"),  # the second request arrived while the first ran
         ("exit", "first"),
         ("enter", "second"),  # and got the model only once the first was done with it
         ("exit", "second"),
