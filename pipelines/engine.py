@@ -121,6 +121,8 @@ class Engine:
         self.scheduler = FairScheduler(self._run_batch, queue_rules)
         self._counting_lock = threading.Lock()
         self._preprocess_lock = threading.Lock()
+        # Ready pipeline views by ControlNet set (at most one per set of control types).
+        self._views: dict[tuple[str, ...], Any] = {}
         self._counting_tokenizer = None
         self._controlnets: dict[str, Any] = {}
         self._controlnet_revisions: dict[str, str | None] = {}
@@ -200,6 +202,7 @@ class Engine:
         if self.loras is not None and not self.loras.keeps_compiled_graph:
             log.warning("compiling without LoRA hotswap: each new adapter will recompile")
         self.base.unet = torch.compile(self.base.unet, fullgraph=False)
+        self._views.clear()  # views made before (the smoke test's) hold the plain UNet
 
     def controlnet_ref(self, unit) -> str:
         from . import controls
@@ -384,16 +387,28 @@ class Engine:
     # ---- the scheduler's worker ------------------------------------------------------
 
     def _compose(self, request: GenerationRequest, maps):
-        """A pipeline view over the shared weights with this request's own scheduler."""
-        scheduler = get_scheduler_spec(request.scheduler).build(self.base.scheduler.config)
+        """A pipeline view over the shared weights with this request's own scheduler.
+
+        Views are kept per ControlNet set (a view holds no weights of its own, only
+        references to the shared modules), so a request builds only its noise scheduler:
+        building the view each time was most of the engine's per-request overhead."""
+        refs = tuple(map(self.controlnet_ref, request.controls))
+        pipe = self._views.get(refs)
+        if pipe is None:
+            pipe = self._view(request, refs)
+            self._views[refs] = pipe
+        pipe.scheduler = get_scheduler_spec(request.scheduler).build(self.base.scheduler.config)
+        return pipe
+
+    def _view(self, request: GenerationRequest, refs: tuple[str, ...]):
         # from_pipe casts every module to `torch_dtype`, float32 unless told: the modules
         # are the shared ones, so without this the first view would convert the whole model.
-        shared = {"scheduler": scheduler, "torch_dtype": self.dtype}
+        shared = {"torch_dtype": self.dtype}
         with _quiet_diffusers():
-            if not request.controls:
+            if not refs:
                 pipe = type(self.base).from_pipe(self.base, **shared)
             else:
-                nets = [self.controlnet(self.controlnet_ref(unit)) for unit in request.controls]
+                nets = [self.controlnet(ref) for ref in refs]
                 pipe = self.family.pipeline_class("controlnet").from_pipe(
                     self.base, controlnet=WindowedMultiControlNet(nets), **shared
                 )
@@ -472,6 +487,7 @@ class Engine:
                 for ref in map(self.controlnet_ref, request.controls)
             ],
             preprocessor_weights=[self.preprocessor_weights(unit) for unit in request.controls],
+            samples_per_pass=self.scheduler.rules.batch_size,
         )
 
     def preprocessor_weights(self, unit) -> str:

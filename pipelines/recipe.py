@@ -149,6 +149,7 @@ def build_recipe(
     loras,
     controlnets,
     preprocessor_weights,
+    samples_per_pass: int = 1,
 ) -> Recipe:
     """The recipe of `request` as run. `resolved`: the values the engine chose (seed, width,
     height, the prompt without LoRA tags). `controlnets`: (reference, resolved Hub commit
@@ -178,6 +179,9 @@ def build_recipe(
         "architecture": family.architecture,
         "base": family.base_id,
         "revision": base_revision,
+        # The forward pass's batch shape: kernels round by shape, so a re-run is bit for
+        # bit only at the same one (STENCIL_BATCH_SIZE); the companions never matter.
+        "samples_per_pass": samples_per_pass,
     }
     return Recipe(
         settings=settings,
