@@ -23,14 +23,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 
-    def whole(setting: settings.WholeSetting, option: str):
+    def add_whole(option: str, setting: settings.WholeSetting, help: str) -> None:
+        """A whole-number option: its variable is its default, its range its check."""
+
         def parse(raw: str) -> int:
             try:
                 return setting.parse(raw, option)
             except settings.SettingsError as exc:
                 raise argparse.ArgumentTypeError(str(exc)) from None
 
-        return parse
+        default = setting.read(os.environ)
+        described = f"{help} [env {setting.variable}]"
+        parser.add_argument(option, type=parse, default=default, help=described)
 
     parser.add_argument(
         "--model",
@@ -43,23 +47,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=settings.env_text("GRADIO_SERVER_NAME", "127.0.0.1"),
         help="address to listen on [env GRADIO_SERVER_NAME]",
     )
-    parser.add_argument(
+    add_whole(
         "--port",
-        type=whole(settings.PORT, "--port"),
-        default=settings.PORT.read(os.environ),
-        help="port to listen on [env GRADIO_SERVER_PORT]",
+        settings.PORT,
+        "port to listen on",
     )
     parser.add_argument(
         "--loras",
         default=settings.env_text("STENCIL_LORA_DIR", str(Path(__file__).with_name("loras"))),
         help="folder of the LoRA library [env STENCIL_LORA_DIR]",
     )
-    parser.add_argument(
+    add_whole(
         "--lora-hotswap-rank",
-        type=whole(settings.LORA_HOTSWAP_RANK, "--lora-hotswap-rank"),
-        default=settings.LORA_HOTSWAP_RANK.read(os.environ),
-        help="swap LoRAs into fixed slots padded to this rank (needed with --compile; 0: off) "
-        "[env STENCIL_LORA_HOTSWAP_RANK]",
+        settings.LORA_HOTSWAP_RANK,
+        "swap LoRAs into fixed slots padded to this rank (needed with --compile; 0: off)",
     )
     parser.add_argument(
         "--allow-hub-loras",
@@ -75,32 +76,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=settings.env_flag("STENCIL_COMPILE"),
         help="torch.compile the UNet (GPU; pair with --lora-hotswap-rank) [env STENCIL_COMPILE]",
     )
-    parser.add_argument(
+    add_whole(
         "--queue-size",
-        type=whole(settings.QUEUE_SIZE, "--queue-size"),
-        default=settings.QUEUE_SIZE.read(os.environ),
-        help="requests that may wait in the queue before new ones are turned away "
-        "[env STENCIL_QUEUE_SIZE]",
+        settings.QUEUE_SIZE,
+        "requests that may wait in the queue before new ones are turned away",
     )
-    parser.add_argument(
+    add_whole(
         "--queue-per-session",
-        type=whole(settings.QUEUE_PER_SESSION, "--queue-per-session"),
-        default=settings.QUEUE_PER_SESSION.read(os.environ),
-        help="requests one session may have waiting [env STENCIL_QUEUE_PER_SESSION]",
+        settings.QUEUE_PER_SESSION,
+        "requests one session may have waiting",
     )
-    parser.add_argument(
+    add_whole(
         "--batch-size",
-        type=whole(settings.BATCH_SIZE, "--batch-size"),
-        default=settings.BATCH_SIZE.read(os.environ),
-        help="images per forward pass; compatible requests share one, padded to this size so "
-        "no image depends on its companions (1: off) [env STENCIL_BATCH_SIZE]",
+        settings.BATCH_SIZE,
+        "images per forward pass; compatible requests share one, padded to this size so "
+        "no image depends on its companions (1: off)",
     )
-    parser.add_argument(
+    add_whole(
         "--max-overtakes",
-        type=whole(settings.MAX_OVERTAKES, "--max-overtakes"),
-        default=settings.MAX_OVERTAKES.read(os.environ),
-        help="how often a request may be passed by one whose LoRAs are already loaded "
-        "[env STENCIL_MAX_OVERTAKES]",
+        settings.MAX_OVERTAKES,
+        "how often a request may be passed by one whose LoRAs are already loaded",
     )
     return parser.parse_args(argv)
 

@@ -7,7 +7,10 @@ gives the base model's output bit for bit. If anything fails, the set active bef
 restored. The caller (the engine) holds its lock around `bind` and `activate`.
 
 - `NamedAdapters` loads each file once under its own adapter name and evicts the least
-  recently used by count and by a byte budget; a switch is `set_adapters`.
+  recently used by count and by a byte budget. It lists the model's LoRA layers once per
+  load or eviction (`LoraLayerIndex`), so a warm switch sets the active set and scales on
+  the layers of the old and the new adapters only, as `set_adapters` would, without
+  walking every module of every component.
 - `HotswapSlots` keeps a fixed set of slots, padded to one rank on every attention layer, and
   swaps files into them (`hotswap=True`); weights are filled into tensor scalings in place.
   A `torch.compile`d UNet then keeps its one graph. Every slot is always computed, so a
@@ -209,6 +212,8 @@ class NamedAdapters(AdapterStore):
         self.memory_budget_bytes = memory_budget_bytes
         self._loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()  # by sha256, LRU first
         self._load_counter = 0
+        # The model's LoRA layers, read again after every load or deletion (None: unread).
+        self._layers: LoraLayerIndex | None = None
 
     @staticmethod
     def check_settings(max_loaded: int) -> None:
@@ -224,6 +229,7 @@ class NamedAdapters(AdapterStore):
 
     def _start_over(self, pipe: Any) -> None:
         self._loaded.clear()
+        self._layers = None
 
     def _check_can_hold(self, prepared: Sequence[PreparedLora]) -> None:
         needed = sum(self._param_bytes(p) for p in prepared)
@@ -247,18 +253,23 @@ class NamedAdapters(AdapterStore):
         return adapters
 
     def _apply_weights(self, pipe: Any, target: ActiveSet) -> None:
-        if not target:
-            pipe.disable_lora()
+        if self._layers is None:
+            self._layers = LoraLayerIndex.read(pipe)
+        if not self._layers.covers(a for a, _ in target):
+            _apply_through_diffusers(pipe, target)
             return
-        # Every component: set_adapters alone would leave a text encoder's earlier adapter
-        # active after a UNet-only load, and disable_lora sticks until undone.
-        pipe.enable_lora()
-        pipe.set_adapters([a for a, _ in target], adapter_weights=[w for _, w in target])
+        try:
+            # self._active is still the set before (None: unknown, every layer is set).
+            self._layers.apply(self._active, target)
+        except BaseException:
+            self._active = None  # half applied: the next activation sets every layer
+            raise
 
     def _load(self, pipe: Any, item: PreparedLora) -> LoadedAdapter:
         self._load_counter += 1
         adapter = f"stencil_{self._load_counter:06d}_{item.sha256[:12]}"
         self._active = None  # loading makes the new adapter active on some components
+        self._layers = None  # and wraps layers, or adds the adapter to wrapped ones
         try:
             source, options = loadable(pipe, item, self._signature)
             pipe.load_lora_weights(source, adapter_name=adapter, **options)
@@ -284,10 +295,112 @@ class NamedAdapters(AdapterStore):
                 return
             _delete_adapter(pipe, self._loaded.pop(victim).adapter)
             self._active = None
+            self._layers = None
 
     def _over_bounds(self, incoming: int) -> bool:
         used = sum(item.param_bytes for item in self._loaded.values())
         return len(self._loaded) + 1 > self.max_loaded or used + incoming > self.memory_budget_bytes
+
+
+class LoraLayerIndex:
+    """The peft LoRA layers of every LoRA-loadable component, read once, and per adapter the
+    layers that carry it: a switch then touches those layers alone.
+
+    What a layer computes depends on its active-adapter list, its disabled flag and each
+    active adapter's scaling. `apply` leaves every layer as `enable_lora` + `set_adapters`
+    (or, for no adapter, `disable_lora`) would, for the layers whose output can differ:
+
+    - a layer carrying an adapter of the old or the new set gets the new set's list, in its
+      order (peft sums in list order), and `set_scale(adapter, weight)`, peft's own
+      computation (weight * alpha / rank), so the scalings are those set_adapters gives,
+      bit for bit; with no adapter it is disabled, as `disable_lora` does;
+    - any other layer carries none of the old set's adapters, so none of them was adding
+      anything, and none of the new set's: it adds nothing either way and is left alone.
+
+    The list and the flag are peft's `_active_adapter` and `_disable_adapters`, set
+    directly: its `set_adapter` also sets `requires_grad` on every adapter's weights of the
+    layer (training state, no part of the output: generation runs without gradients), and
+    that loop is what made a switch grow with the adapters loaded. They are set with
+    `object.__setattr__`: `nn.Module.__setattr__` would first look the names up among the
+    layer's parameters, buffers and submodules, where they never are, then do the same,
+    and that lookup was half of a switch's time. tests/test_adapter_switch.py checks that
+    peft keeps its state in them and that every switch leaves every layer as set_adapters
+    would.
+    """
+
+    def __init__(self, layers: Sequence[Any], usable: bool = True):
+        self.usable = usable
+        self.layers = tuple(layers)
+        carrying: dict[str, list[Any]] = {}
+        for layer in self.layers:
+            for adapter in layer.scaling:
+                carrying.setdefault(adapter, []).append(layer)
+        self.by_adapter = {adapter: tuple(held) for adapter, held in carrying.items()}
+
+    @classmethod
+    def read(cls, pipe: Any) -> LoraLayerIndex:
+        """Every LoRA layer of the pipeline's LoRA-loadable components; unusable where a
+        component or a layer is not what `apply` knows how to set (diffusers then does)."""
+        components = getattr(pipe, "_lora_loadable_modules", None)
+        if components is None:
+            return cls((), usable=False)
+        import torch
+        from peft.tuners.lora import LoraLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers: dict[int, Any] = {}
+        for component in components:
+            model = getattr(pipe, component, None)
+            if model is None:
+                continue
+            model = getattr(model, "_orig_mod", model)
+            if not isinstance(model, torch.nn.Module):
+                return cls((), usable=False)
+            for module in model.modules():
+                if not isinstance(module, BaseTunerLayer):
+                    continue
+                if not isinstance(module, LoraLayer) or module.merged:
+                    return cls((), usable=False)  # another tuner, or fused into the weights
+                layers.setdefault(id(module), module)
+        return cls(list(layers.values()))
+
+    def covers(self, adapters: Any) -> bool:
+        """Whether `apply` can make these adapters active (each one's layers are known)."""
+        return self.usable and all(adapter in self.by_adapter for adapter in adapters)
+
+    def apply(self, previous: ActiveSet | None, target: ActiveSet) -> None:
+        """From `previous` (None: unknown, so every layer) to exactly `target`."""
+        if previous is None:
+            touched: Any = self.layers
+        else:
+            touched = {}
+            for adapter, _ in (*previous, *target):
+                for layer in self.by_adapter.get(adapter, ()):
+                    touched.setdefault(id(layer), layer)
+            touched = touched.values()
+        set_state = object.__setattr__
+        if not target:
+            for layer in touched:
+                set_state(layer, "_disable_adapters", True)
+            return
+        names = [adapter for adapter, _ in target]  # one list for all, as set_adapters does
+        for layer in touched:
+            set_state(layer, "_active_adapter", names)
+            set_state(layer, "_disable_adapters", False)
+        for adapter, weight in target:
+            for layer in self.by_adapter[adapter]:
+                layer.set_scale(adapter, weight)
+
+
+def _apply_through_diffusers(pipe: Any, target: ActiveSet) -> None:
+    """`apply`'s effect by diffusers' own calls, which walk every module of every component."""
+    if not target:
+        pipe.disable_lora()
+        return
+    # Every component: set_adapters alone would leave a text encoder's earlier adapter
+    # active after a UNet-only load, and disable_lora sticks until undone.
+    pipe.enable_lora()
+    pipe.set_adapters([a for a, _ in target], adapter_weights=[w for _, w in target])
 
 
 def loadable(

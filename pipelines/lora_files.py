@@ -687,23 +687,13 @@ def _check_lora_keys(
     matched = sum(len(names) for names in modules.values())
     _check_matched_share(name, LAYOUT_NAMES[layout], matched, skipped)
     scales = _expected_scales(by_component, tensors, adapter_metadata, signature)
+    partial = {}
     if skipped:
         # Loaded as the exact standard LoRA of the layers that exist (`partial_exact_lora`):
         # each layer's scale folded into its up matrix, so every layer loads at scale 1.
-        return LoraFileReport(
-            sha256=file.sha256,
-            size_bytes=file.size_bytes,
-            layout=layout,
-            ranks=tuple(sorted(ranks)),
-            alphas=tuple(sorted(alphas)),
-            targets=tuple(c for c in signature.layers if c in modules),
-            modules=modules,
-            param_count=param_count,
-            hotswap_compatible_config=not any(k.endswith(".lora_B.bias") for k in state_dict),
-            converted_from=f"{layout}-partial",
-            skipped_layers=tuple(sorted(skipped)),
-            module_scales={c: dict.fromkeys(names, 1.0) for c, names in modules.items()},
-        )
+        hotswap_ok = not any(key.endswith(".lora_B.bias") for key in state_dict)
+        scales = {c: dict.fromkeys(names, 1.0) for c, names in modules.items()}
+        partial = {"converted_from": f"{layout}-partial", "skipped_layers": tuple(sorted(skipped))}
     return LoraFileReport(
         sha256=file.sha256,
         size_bytes=file.size_bytes,
@@ -716,6 +706,7 @@ def _check_lora_keys(
         has_adapter_metadata=adapter_metadata is not None,
         hotswap_compatible_config=hotswap_ok,
         module_scales=scales,
+        **partial,
     )
 
 
