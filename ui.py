@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from pipelines.errors import GenerationCancelled, StencilError
-from pipelines.fields import LORA_WEIGHT, NO_CONTROL, RANDOM_SEED
+from pipelines.families import FAMILIES
+from pipelines.fields import LORA_WEIGHT, NO_CONTROL, RANDOM_SEED, SIZE_MULTIPLE
 from pipelines.form import FormField, suffix
 from pipelines.lora_text import split_lora_string
 from pipelines.model_check import without_paths
@@ -42,6 +43,25 @@ HUB_QUEUE = "stencil-hub-loras"
 LORA_SLOTS = 3
 EXAMPLES_DIR = Path(__file__).with_name("examples")
 RESULT_OUTPUTS = 5  # images, control maps, seed used, recipe, snippet
+RUN_LABEL = "Generate"
+# Ctrl+Enter (Cmd+Enter on a Mac) in the prompt or the negative prompt clicks Generate: the
+# boxes are multi-line, so a plain Enter stays a new line.
+CTRL_ENTER_JS = """() => {
+  if (window.stencilCtrlEnter) return;
+  window.stencilCtrlEnter = true;
+  document.addEventListener("keydown", (event) => {
+    if (event.key !== "Enter" || !(event.ctrlKey || event.metaKey)) return;
+    if (!event.target.closest || !event.target.closest("#prompt, #negative_prompt")) return;
+    const button = document.querySelector("#generate");
+    if (!button || button.disabled) return;
+    event.preventDefault();
+    button.click();
+  }, true);
+}"""
+# Size presets at the family's size: (width, height) as multiples of 512, per family size.
+PRESETS_AT_512 = ((512, 512), (512, 768), (768, 512), (640, 448), (448, 640))
+PRESETS_AT_1024 = ((1024, 1024), (832, 1216), (1216, 832), (1152, 896), (896, 1152))
+AUTO_PRESET = "0x0"
 
 try:  # On a ZeroGPU Space, work that needs the GPU runs inside @spaces.GPU.
     import spaces
@@ -255,6 +275,67 @@ def status_markdown(status: dict[str, Any]) -> str:
     return line
 
 
+def family_size(status: dict[str, Any]) -> int:
+    """The loaded family's native side (512 for SD1.5, 1024 for SDXL), from its status."""
+    family = FAMILIES.get(status.get("family", ""))
+    if family is not None:
+        return family.default_size
+    text = f"{status.get('family', '')} {status.get('label', '')}".lower()
+    return 1024 if "xl" in text else 512
+
+
+def size_presets(default_size: int) -> list[tuple[str, str]]:
+    """The size dropdown's choices: auto, then the family's sizes (label, "WxH")."""
+    if default_size >= 1024:
+        sizes = [(w * default_size // 1024, h * default_size // 1024) for w, h in PRESETS_AT_1024]
+    else:
+        sizes = [(w * default_size // 512, h * default_size // 512) for w, h in PRESETS_AT_512]
+
+    def shape(width: int, height: int) -> str:
+        return "square" if width == height else "portrait" if height > width else "landscape"
+
+    choices = [("Auto (follow the control image)", AUTO_PRESET)]
+    for width, height in sizes:
+        width, height = (
+            max(SIZE_MULTIPLE, v // SIZE_MULTIPLE * SIZE_MULTIPLE) for v in (width, height)
+        )
+        choices.append((f"{width} × {height} ({shape(width, height)})", f"{width}x{height}"))
+    return choices
+
+
+def apply_size_preset(preset: str | None):
+    """A preset's "WxH" as the width and height sliders' values (nothing for no preset)."""
+    if not preset:
+        return gr.skip(), gr.skip()
+    width, height = (int(side) for side in preset.split("x"))
+    return width, height
+
+
+def lora_default_weight(entries: list[dict[str, Any]], name: str | None):
+    """The weight a slot takes when `name` is picked in it: the catalogue's default weight."""
+    entry = next((e for e in entries if e["name"] == name), None) if name else None
+    if entry is None:
+        return gr.skip()
+    weight = float(entry.get("default_weight", LORA_WEIGHT.default))
+    return min(max(weight, LORA_WEIGHT.minimum), LORA_WEIGHT.maximum)
+
+
+def lora_slot_markdown(entries: list[dict[str, Any]], name: str | None, weight) -> str:
+    """What a slot shows of its LoRA: description, licence, trigger words, the prompt tag."""
+    entry = next((e for e in entries if e["name"] == name), None) if name else None
+    if entry is None:
+        return ""
+    lines = []
+    if entry.get("description"):
+        lines.append(entry["description"])
+    lines.append(f"**Licence:** {entry.get('licence') or 'not stated'}")
+    words = entry.get("trigger_words") or []
+    lines.append("**Trigger words:** " + (", ".join(f"`{w}`" for w in words) or "none"))
+    shown = LORA_WEIGHT.default if weight is None else weight
+    lines.append(f"**In a prompt:** `<lora:{entry['name']}:{float(shown):g}>`")
+    return "  \n".join(lines)
+
+
 # ---- components from declarations ----------------------------------------------------------
 
 
@@ -447,7 +528,7 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
                 for item in groups["prompt"]:
                     components[item.key] = component_for(item)
                 with gr.Row():
-                    run = gr.Button("Generate", variant="primary", elem_id="generate")
+                    run = gr.Button(RUN_LABEL, variant="primary", elem_id="generate")
                     halt = gr.Button("Stop", variant="stop", elem_id="stop")
                 units = []
                 with gr.Tabs():
@@ -458,7 +539,7 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
                             components.update(unit.components)
                             units.append(unit)
                     with gr.Tab("LoRAs"):
-                        slots = []
+                        slots, slot_infos = [], []
                         for index in range(LORA_SLOTS):
                             with gr.Row():
                                 name = gr.Dropdown(
@@ -474,8 +555,11 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
                                     step=LORA_WEIGHT.step,
                                     label=LORA_WEIGHT.label,
                                     info=LORA_WEIGHT.help,
+                                    elem_id=f"lora_{index + 1}_weight",
                                 )
+                                info = gr.Markdown(elem_id=f"lora_{index + 1}_info")
                             slots.append((name, weight))
+                            slot_infos.append(info)
                         triggers = gr.Markdown()
                         add_triggers = gr.Button("Add trigger words to the prompt", size="sm")
                         for item in groups["loras"]:
@@ -488,7 +572,22 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
                         # Made only when the operator allows it (`--allow-hub-loras`).
                         hub_row = hub_lora_row() if service.hub_loras_allowed else None
                 with gr.Accordion("Advanced", open=False):
-                    _rows_of_two(groups["advanced"], components)
+                    advanced = groups["advanced"]
+                    # The size row (presets, swap) sits under the width and height sliders.
+                    cut = next(
+                        (i + 1 for i, item in enumerate(advanced) if item.key == "height"),
+                        len(advanced),
+                    )
+                    _rows_of_two(advanced[:cut], components)
+                    with gr.Row():
+                        size_preset = gr.Dropdown(
+                            size_presets(family_size(status)),
+                            value=None,
+                            label="Size preset",
+                            elem_id="size_preset",
+                        )
+                        swap_size = gr.Button("⇄ Swap width and height", elem_id="swap_size")
+                    _rows_of_two(advanced[cut:], components)
                     with gr.Row():
                         randomize = gr.Button("🎲 Random seed", size="sm")
                         reuse = gr.Button("♻️ Reuse last seed", size="sm")
@@ -535,6 +634,18 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
         # Gradio's cancel takes a queued run out of the queue and closes a running one; the
         # token reaches the engine at once (the page's Stop and the API's Job.cancel() meet).
         halt.click(stop, None, None, queue=False, api_visibility="private", cancels=[generating])
+        # While a run goes, the button says so and takes no second click; it comes back
+        # when the run ends, fails or is stopped.
+        # In the browser, at once: a reply from the server could arrive after the run's end.
+        demo.load(None, None, None, js=CTRL_ENTER_JS, api_visibility="private")
+        width, height = components["width"], components["height"]
+        size_preset.input(
+            apply_size_preset, size_preset, [width, height], queue=False, api_visibility="private"
+        )
+        swap_size.click(
+            lambda w, h: (h, w), [width, height], [width, height], queue=False,
+            api_visibility="private",
+        )  # fmt: skip
         seed = components["seed"]
         randomize.click(lambda: RANDOM_SEED, None, seed, queue=False, api_visibility="private")
         reuse.click(lambda last: last, used_seed, seed, queue=False, api_visibility="private")
@@ -550,7 +661,7 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
 
         extra_loras = gr.State("")
         _wire_loras(service, slots, extra_loras, components["loras"], triggers, add_triggers,
-                    components["prompt"], lora_file)  # fmt: skip
+                    components["prompt"], lora_file, slot_infos)  # fmt: skip
         _wire_hub_loras(service, slots, hub_row)
         _wire_recipe_drop(restore_recipe, recipe_drop, inputs, slots, extra_loras, lora_choices)
         _examples(components["prompt"], units[0])
@@ -595,9 +706,12 @@ def _wire_previews(units, fields, components, preview_control) -> None:
         )
 
 
-def _wire_loras(service, slots, extra_loras, loras, triggers, add_triggers, prompt, lora_file):
+def _wire_loras(
+    service, slots, extra_loras, loras, triggers, add_triggers, prompt, lora_file, infos
+):
     """The slots compose the LoRA text; LoRAs a restored recipe had beyond the slots (kept in
-    `extra_loras`) stay in it when a slot changes."""
+    `extra_loras`) stay in it when a slot changes. Picking a LoRA sets its slot's weight to
+    the catalogue's default weight; each slot shows what its LoRA is and its prompt tag."""
 
     def compose(extras: str, *values):
         pairs = zip(values[0::2], values[1::2])
@@ -637,9 +751,24 @@ def _wire_loras(service, slots, extra_loras, loras, triggers, add_triggers, prom
         choices = lora_slot_choices(service, session_of(request))
         return [gr.update(choices=choices) for _ in slots]
 
+    def default_weight(request: gr.Request, name: str):
+        return lora_default_weight(service.list_loras(session_of(request)), name)
+
+    def slot_markdown(request: gr.Request, name: str, weight):
+        return lora_slot_markdown(service.list_loras(session_of(request)), name, weight)
+
     flat = [component for slot in slots for component in slot]
+    for (name, weight), info in zip(slots, infos, strict=True):
+        # The weight is set first, so the composed text carries the default weight.
+        name.input(default_weight, name, weight, queue=False, api_visibility="private").then(
+            compose, [extra_loras, *flat], loras, queue=False, api_visibility="private"
+        )
+        weight.input(compose, [extra_loras, *flat], loras, queue=False, api_visibility="private")
+        for component in (name, weight):
+            component.change(
+                slot_markdown, [name, weight], info, queue=False, api_visibility="private"
+            )
     for component in flat:
-        component.input(compose, [extra_loras, *flat], loras, queue=False, api_visibility="private")
         component.change(trigger_words, flat, triggers, queue=False, api_visibility="private")
     add_triggers.click(add_words, [prompt, *flat], prompt, queue=False, api_visibility="private")
     lora_file.upload(upload, lora_file, [slot[0] for slot in slots], api_visibility="private")

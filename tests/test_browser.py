@@ -95,3 +95,61 @@ def test_dropping_a_stencil_png_restores_its_settings(page, client):
     assert page.locator("#seed input").input_value() == "1234"
     page.get_by_role("tab", name="LoRAs").click()
     assert page.locator("#loras textarea, #loras input").first.input_value() == "tiny-ink:0.5"
+
+
+NEW_RESULT = """before => {
+  const img = document.querySelector('#results img');
+  return img !== null && img.getAttribute('src') !== before;
+}"""
+
+
+def test_ctrl_enter_in_the_prompt_generates(page):
+    shown = page.locator("#results img")
+    before = shown.first.get_attribute("src") if shown.count() else None
+    prompt = page.locator("#prompt textarea")
+    prompt.fill("a brick tower, ink")
+    prompt.press("Control+Enter")
+    page.wait_for_function(NEW_RESULT, arg=before)
+    assert prompt.input_value() == "a brick tower, ink"  # no new line typed into it
+
+
+def _slider_value(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id} input[type=number]").input_value()
+
+
+def test_size_presets_and_the_swap_button(page):
+    if not page.locator("#width").is_visible():
+        page.get_by_text("Advanced", exact=True).click()
+    size = FAMILIES["tiny"].default_size  # the tiny family's presets, at its own size
+    tall = (size, size * 3 // 2)
+    page.locator("#size_preset input").click()
+    page.get_by_role("option", name=f"{tall[0]} × {tall[1]} (portrait)").click()
+    page.wait_for_function(
+        "([w, h]) => document.querySelector('#width input[type=number]').value == w"
+        " && document.querySelector('#height input[type=number]').value == h",
+        arg=list(tall),
+    )
+    page.locator("#swap_size").click()
+    page.wait_for_function(
+        "([w, h]) => document.querySelector('#width input[type=number]').value == w"
+        " && document.querySelector('#height input[type=number]').value == h",
+        arg=[tall[1], tall[0]],
+    )
+    assert (_slider_value(page, "width"), _slider_value(page, "height")) == (
+        str(tall[1]),
+        str(tall[0]),
+    )
+
+
+def test_picking_a_lora_sets_its_weight_and_shows_its_tag(page):
+    page.get_by_role("tab", name="LoRAs").click()
+    page.locator("#lora_1 input").click()
+    page.get_by_role("option", name="Tiny neon (rank 8, UNet + text encoder)").click()
+    info = page.locator("#lora_1_info")
+    info.get_by_text("<lora:tiny-neon:0.8>").wait_for()  # the catalogue's default weight
+    assert "CC0-1.0" in info.inner_text()
+    assert _slider_value(page, "lora_1_weight") == "0.8"
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#loras textarea, #loras input')]"
+        ".some(box => box.value === 'tiny-neon:0.8')"
+    )

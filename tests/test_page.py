@@ -1,0 +1,77 @@
+"""The page's own helpers: size presets per family, and what a LoRA slot shows and sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import ui
+from pipelines.families import FAMILIES
+from pipelines.fields import LORA_WEIGHT, SIZE_MULTIPLE
+from pipelines.loras import load_catalogue
+
+SHIPPED = Path(__file__).resolve().parent.parent / "loras"
+
+
+@pytest.fixture(scope="module")
+def entries() -> list[dict]:
+    return [entry.to_public_dict() for entry in load_catalogue(SHIPPED).values()]
+
+
+def test_the_family_size_comes_from_the_status():
+    assert ui.family_size({"family": "sd15", "label": "Stable Diffusion 1.5"}) == 512
+    assert ui.family_size({"family": "sdxl", "label": "Stable Diffusion XL"}) == 1024
+    assert ui.family_size({"family": "tiny", "label": "x"}) == FAMILIES["tiny"].default_size
+    # A local folder: not in the registry, told apart by its label.
+    assert ui.family_size({"family": "my-folder", "label": "SDXL (local folder)"}) == 1024
+    assert ui.family_size({"family": "my-folder", "label": "SD (local folder)"}) == 512
+
+
+def test_size_presets_per_family():
+    sd15 = [value for _, value in ui.size_presets(512)]
+    assert sd15[0] == ui.AUTO_PRESET
+    assert {"512x512", "512x768", "768x512", "640x448"} <= set(sd15)
+    sdxl = [value for _, value in ui.size_presets(1024)]
+    assert {"1024x1024", "832x1216", "1216x832"} <= set(sdxl)
+    labels = dict((value, label) for label, value in ui.size_presets(512))
+    assert labels["512x768"] == "512 × 768 (portrait)"
+    for size in (64, 512, 1024):
+        for _, value in ui.size_presets(size)[1:]:
+            width, height = (int(side) for side in value.split("x"))
+            assert width % SIZE_MULTIPLE == 0 and height % SIZE_MULTIPLE == 0
+            assert width > 0 and height > 0
+
+
+def test_a_preset_sets_both_sliders():
+    assert ui.apply_size_preset("832x1216") == (832, 1216)
+    assert ui.apply_size_preset(ui.AUTO_PRESET) == (0, 0)
+    width, height = ui.apply_size_preset(None)
+    assert width.get("__type__") == "update" and height.get("__type__") == "update"
+
+
+def test_picking_a_lora_sets_its_catalogue_default_weight(entries):
+    by_name = {entry["name"]: entry for entry in entries}
+    assert by_name["tiny-neon"]["default_weight"] == 0.8  # the shipped catalogue's value
+    assert ui.lora_default_weight(entries, "tiny-neon") == 0.8
+    assert ui.lora_default_weight(entries, "tiny-ink") == 1.0
+    # None picked, or a name no longer listed: the weight stays as it is.
+    for name in ("", None, "not-a-lora"):
+        assert ui.lora_default_weight(entries, name).get("__type__") == "update"
+    heavy = [{**by_name["tiny-ink"], "default_weight": LORA_WEIGHT.maximum + 5}]
+    assert ui.lora_default_weight(heavy, "tiny-ink") == LORA_WEIGHT.maximum
+
+
+def test_a_slot_shows_what_its_lora_is_and_the_tag_to_type(entries):
+    neon = next(entry for entry in entries if entry["name"] == "tiny-neon")
+    shown = ui.lora_slot_markdown(entries, "tiny-neon", 0.8)
+    assert neon["description"] in shown
+    assert neon["licence"] in shown
+    for word in neon["trigger_words"]:
+        assert f"`{word}`" in shown
+    assert "`<lora:tiny-neon:0.8>`" in shown
+    assert "`<lora:tiny-neon:1.25>`" in ui.lora_slot_markdown(entries, "tiny-neon", 1.25)
+    assert ui.lora_slot_markdown(entries, "", 1.0) == ""
+    bare = [{"name": "bare", "display_name": "Bare", "trigger_words": [], "licence": ""}]
+    assert "not stated" in ui.lora_slot_markdown(bare, "bare", 1)
+    assert "**Trigger words:** none" in ui.lora_slot_markdown(bare, "bare", 1)
