@@ -367,7 +367,7 @@ def reload_none(pipe) -> None:
     pipe.unload_lora_weights()
 
 
-def generate(pipe, size: Size):
+def generate(pipe, size: Size, output_type: str = "pil"):
     """1 step, small latent, fixed seed, a fresh scheduler: what the image check compares."""
     import torch
     from diffusers import EulerDiscreteScheduler
@@ -381,6 +381,7 @@ def generate(pipe, size: Size):
             height=size.side,
             width=size.side,
             generator=torch.Generator(device="cpu").manual_seed(SEED),
+            output_type=output_type,
         ).images[0]
 
 
@@ -948,21 +949,8 @@ def _first_line(text: str, limit: int = 160) -> str:
 def generate_array(pipe, size: Size):
     """`generate`'s image as floats in 0..1 (NaN stays visible)."""
     import numpy as np
-    import torch
-    from diffusers import EulerDiscreteScheduler
 
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    with torch.inference_mode():
-        image = pipe(
-            PROMPT,
-            num_inference_steps=1,
-            guidance_scale=5.0,
-            height=size.side,
-            width=size.side,
-            generator=torch.Generator(device="cpu").manual_seed(SEED),
-            output_type="np",
-        ).images[0]
-    return np.asarray(image, dtype=np.float64)
+    return np.asarray(generate(pipe, size, output_type="np"), dtype=np.float64)
 
 
 def level_difference(a, b) -> float:
