@@ -493,9 +493,18 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
     def estimate(request: gr.Request = None, progress=None, **values) -> int:
         return service.estimate_gpu_seconds(values)
 
-    @at_the_edge
-    def preview_control(**values):
-        return service.preview_control(values)
+    def preview_for(position: int):
+        """Unit `position`'s preview (its fields under the first unit's names): the map,
+        and a warning that stays in view when the map came out empty."""
+
+        @at_the_edge
+        def preview_control(**values):
+            preview = service.preview_control(values, position=position)
+            if preview.note:
+                gr.Warning(preview.note, duration=None)
+            return preview.path
+
+        return preview_control
 
     @at_the_edge
     def restore_recipe(path):
@@ -650,7 +659,7 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
         randomize.click(lambda: RANDOM_SEED, None, seed, queue=False, api_visibility="private")
         reuse.click(lambda last: last, used_seed, seed, queue=False, api_visibility="private")
 
-        _wire_previews(units, fields, components, preview_control)
+        _wire_previews(units, fields, components, preview_for)
 
         hidden = gr.JSON(visible=False)
         gr.Button(visible=False).click(list_loras, None, hidden, api_name="list_loras", queue=True)
@@ -689,11 +698,12 @@ def _preview_keys(fields: dict[str, FormField], position: int) -> list[str]:
     ]
 
 
-def _wire_previews(units, fields, components, preview_control) -> None:
+def _wire_previews(units, fields, components, preview_for) -> None:
     for unit in units:
         keys = _preview_keys(fields, unit.position)
         # The API's /preview_control takes the first unit's names; unit 2 maps onto them.
         as_first = {key.removesuffix(suffix(unit.position)): components[key] for key in keys}
+        preview_control = preview_for(unit.position)
         if unit.position == 1:
             accepts_fields(preview_control, {key: fields[key] for key in keys})
         unit.preview.click(

@@ -135,3 +135,26 @@ def make_map(
 def preprocessor_weights(control_type: str, *, device: str = "cpu") -> str:
     """'real', 'stand-in' or 'none' for the weights this control's preprocessor runs."""
     return get_preprocessor(get_control_spec(control_type).preprocessor, device=device).weights
+
+
+# A map whose every pixel is below this (of 255) gives its ControlNet nothing to follow.
+EMPTY_MAP_LEVEL = 8
+
+
+def empty_map_note(unit, control_map, position: int) -> str | None:
+    """What to tell the user when a unit's map came out empty (a pose detector that found
+    nobody, canny thresholds above every edge): the unit will not steer the image, and an
+    all-black map would otherwise look like a success."""
+    import numpy as np
+
+    if unit.control_type == "image" or np.asarray(control_map).max() >= EMPTY_MAP_LEVEL:
+        return None
+    found = {
+        "pose": "the pose detector found no person",
+        "canny": "no edges passed the thresholds (try lower ones)",
+        "depth": "the depth map is flat",
+    }.get(unit.control_type, "the map is empty")
+    return (
+        f"Control {position} ({unit.control_type}): {found} in its image, so the map is"
+        " empty and this unit will not steer the image."
+    )

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .controlnets import WindowedMultiControlNet
+from .controls import empty_map_note
 from .errors import GenerationCancelled, ImageError, InvalidRequestError, ModelLoadError
 from .families import (
     ARCHITECTURES,
@@ -312,6 +313,11 @@ class Engine:
         width, height = self._output_size(request)
         maps = self._control_maps(request.controls, cancel)
         warnings = self._prompt_warnings(prompt, request.negative_prompt)
+        warnings += [
+            note
+            for position, (unit, control_map) in enumerate(zip(request.controls, maps), 1)
+            if (note := empty_map_note(unit, control_map, position))
+        ]
         work = _Work(request, prompt, loras, seeds, width, height, maps)
         job = Job(
             session=request.session_id,

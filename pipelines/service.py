@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .controls import empty_map_note
 from .errors import ImageError, InvalidRequestError, megabytes
 from .form import FormField, ParsedUnit, form_fields, parse_form, suffix, values_from_recipe
 from .recipe import Recipe, RecipeError, png_bytes_with_recipe
@@ -34,6 +35,12 @@ class GenerationOutcome:
     recipe: Recipe
     warnings: tuple[str, ...]
     seconds: float
+
+
+@dataclass(frozen=True)
+class MapPreview:
+    path: str
+    note: str | None = None  # said to the user when the map is empty
 
 
 class StencilService:
@@ -92,15 +99,17 @@ class StencilService:
             session_id=session_id,
         )
 
-    def preview_control(self, fields: Mapping[str, Any]) -> str:
-        """Run only the first unit's preprocessor; return the map as a PNG path."""
+    def preview_control(self, fields: Mapping[str, Any], *, position: int = 1) -> MapPreview:
+        """Run only the first unit's preprocessor (the page's unit `position` maps its
+        fields onto the first's names): the map as a PNG path, and a note when it is empty."""
         parsed = parse_form(tuple(f for f in self.fields if f.unit == 1), fields)
         if not parsed.units:
             value = fields.get("control_type")
             raise InvalidRequestError("control_type", value, "pick a control type")
         unit = self._control_unit(parsed.units[0])
         control_map = self.engine.control_map(unit)
-        return self._write_png(control_map, None, prefix=f"map-{unit.control_type}")
+        path = self._write_png(control_map, None, prefix=f"map-{unit.control_type}")
+        return MapPreview(path, empty_map_note(unit, control_map, position))
 
     def list_loras(self, session_id: str | None = None) -> list[dict[str, Any]]:
         if self.engine.loras is None:

@@ -350,3 +350,21 @@ def test_families_registry_has_room_for_sdxl(tmp_path, monkeypatch):
     shipped = {e.base for e in load_catalogue(ROOT / "loras").values()}
     assert sdxl.compat_tag in shipped
     assert shipped <= {family.compat_tag for family in FAMILIES.values()}
+
+
+def test_an_empty_map_is_said_and_a_map_with_content_is_not(engine):
+    from PIL import Image, ImageDraw
+
+    blank = Image.new("RGB", (64, 64), "white")
+    drawn = blank.copy()
+    ImageDraw.Draw(drawn).rectangle((16, 16, 48, 48), outline="black", width=3)
+    second_blank = (ControlUnit("canny", drawn), ControlUnit("canny", blank))
+    result = engine.generate(small(controls=second_blank))
+    notes = [w for w in result.warnings if "will not steer" in w]
+    assert notes == [
+        "Control 2 (canny): no edges passed the thresholds (try lower ones) in its image,"
+        " so the map is empty and this unit will not steer the image."
+    ]
+    assert not any(
+        "will not steer" in w for w in engine.generate(small(controls=second_blank[:1])).warnings
+    )
