@@ -311,9 +311,13 @@ def apply_size_preset(preset: str | None):
     return width, height
 
 
+def _entry_named(entries: list[dict[str, Any]], name: str | None) -> dict[str, Any] | None:
+    return next((e for e in entries if e["name"] == name), None) if name else None
+
+
 def lora_default_weight(entries: list[dict[str, Any]], name: str | None):
     """The weight a slot takes when `name` is picked in it: the catalogue's default weight."""
-    entry = next((e for e in entries if e["name"] == name), None) if name else None
+    entry = _entry_named(entries, name)
     if entry is None:
         return gr.skip()
     weight = float(entry.get("default_weight", LORA_WEIGHT.default))
@@ -322,7 +326,7 @@ def lora_default_weight(entries: list[dict[str, Any]], name: str | None):
 
 def lora_slot_markdown(entries: list[dict[str, Any]], name: str | None, weight) -> str:
     """What a slot shows of its LoRA: description, licence, trigger words, the prompt tag."""
-    entry = next((e for e in entries if e["name"] == name), None) if name else None
+    entry = _entry_named(entries, name)
     if entry is None:
         return ""
     lines = []
@@ -643,9 +647,6 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
         # Gradio's cancel takes a queued run out of the queue and closes a running one; the
         # token reaches the engine at once (the page's Stop and the API's Job.cancel() meet).
         halt.click(stop, None, None, queue=False, api_visibility="private", cancels=[generating])
-        # While a run goes, the button says so and takes no second click; it comes back
-        # when the run ends, fails or is stopped.
-        # In the browser, at once: a reply from the server could arrive after the run's end.
         demo.load(None, None, None, js=CTRL_ENTER_JS, api_visibility="private")
         width, height = components["width"], components["height"]
         size_preset.input(

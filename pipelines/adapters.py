@@ -422,7 +422,7 @@ def loadable(
     if hashlib.sha256(data).hexdigest() != item.sha256:
         raise LoraRejectedError(item.entry.name, "its file changed after it was checked")
     unet = unwrapped_unet(pipe)
-    if item.report.converted_from.endswith("-partial"):
+    if item.report.keeps_layout_partially:
         file = read_safetensors(data, name=item.entry.name, max_bytes=len(data))
         state = partial_exact_lora(file, signature, name=item.entry.name)
     else:

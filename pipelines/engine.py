@@ -33,6 +33,7 @@ from .families import (
 )
 from .fields import REQUEST_FIELDS, unit_fields
 from .hub import cached_locally, cached_revision, hub_reachable
+from .lora_catalogue import SESSION_PREFIXES
 from .map_cache import MapCache
 from .model_check import describe_component_failure, describe_load_failure
 from .recipe import Recipe
@@ -401,12 +402,12 @@ class Engine:
         refs = tuple(map(self.controlnet_ref, request.controls))
         pipe = self._views.get(refs)
         if pipe is None:
-            pipe = self._view(request, refs)
+            pipe = self._view(refs)
             self._views[refs] = pipe
         pipe.scheduler = get_scheduler_spec(request.scheduler).build(self.base.scheduler.config)
         return pipe
 
-    def _view(self, request: GenerationRequest, refs: tuple[str, ...]):
+    def _view(self, refs: tuple[str, ...]):
         # from_pipe casts every module to `torch_dtype`, float32 unless told: the modules
         # are the shared ones, so without this the first view would convert the whole model.
         shared = {"torch_dtype": self.dtype}
@@ -445,6 +446,7 @@ class Engine:
         chunks = [samples[start : start + size] for start in range(0, len(samples), size)]
         lead = jobs[0].payload
         steps = lead.request.steps
+        shared = pipeline_arguments(lead.request, lead.maps)  # the same for every member
         images: list = []
         for number, chunk in enumerate(chunks):
             padded = chunk + [chunk[0]] * (size - len(chunk))
@@ -458,7 +460,7 @@ class Engine:
                     job.report(done, steps * len(chunks), "denoising")
                 return callback_kwargs
 
-            options = pipeline_arguments(lead.request, lead.maps)
+            options = dict(shared)
             options.update(
                 prompt=[work.prompt for work in works],
                 negative_prompt=[work.request.negative_prompt for work in works],
@@ -519,16 +521,17 @@ class _Work:
 
     def batch_key(self, engine: Engine) -> tuple | None:
         """Equal for requests one forward pass can serve: everything but prompts, seeds and
-        control images. An uploaded LoRA is its session's, so its requests batch alone."""
+        control images. An uploaded or Hub LoRA is its session's, so its requests batch only
+        with their own session's (the pass activates the set as the first job's session)."""
         if engine.scheduler.rules.batch_size <= 1:
             return None
         shared = pipeline_arguments(self.request, self.maps)
         for per_sample in ("prompt", "negative_prompt", "image"):
             shared.pop(per_sample, None)
-        uploads = any(choice.name.startswith("upload-") for choice in self.loras)
+        private = any(choice.name.startswith(SESSION_PREFIXES) for choice in self.loras)
         return (
             self.adapter_key(engine),
-            self.request.session_id if uploads else None,
+            self.request.session_id if private else None,
             self.request.scheduler,
             self.width,
             self.height,

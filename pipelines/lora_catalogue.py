@@ -40,6 +40,8 @@ COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 UPLOAD_PREFIX = "upload-"
 HUB_PREFIX = "hub-"  # a session's LoRA fetched from the Hub by id
+# Names that only their session can use; no catalogue entry may take one.
+SESSION_PREFIXES = (UPLOAD_PREFIX, HUB_PREFIX)
 # A stored upload belongs to the sessions that uploaded it and goes when the last one
 # closes. A file this old was left by a run that ended without closing its sessions.
 STALE_UPLOAD_S = 86400
@@ -444,7 +446,7 @@ def _parse_name(name: Any, where: str) -> str:
         raise CatalogueError(
             f"{where}: name {name!r} must be lowercase letters, digits, '-', '_' or '.'"
         )
-    for prefix in (UPLOAD_PREFIX, HUB_PREFIX):
+    for prefix in SESSION_PREFIXES:
         if name.startswith(prefix):
             raise CatalogueError(
                 f"{where} ({name}): names starting with {prefix!r} are for a session's"

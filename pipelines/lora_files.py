@@ -107,6 +107,8 @@ _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 # a few extra layers). Fewer means it was made for another network: SD 2.x files share SD
 # 1.x's names but not its shapes (refused on shape), SDXL ones mostly name other blocks.
 MIN_MATCHED_FRACTION = 0.5
+# `converted_from` of a file loaded as the part of it this model has, in its own layout.
+PARTIAL_SUFFIX = "-partial"
 # What the verdict calls each layout diffusers loads as is.
 LAYOUT_NAMES = {
     "peft": "diffusers/peft LoRA",
@@ -213,8 +215,14 @@ class LoraFileReport:
     module_scales: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     @property
+    def keeps_layout_partially(self) -> bool:
+        """A diffusers/peft/kohya file loaded as the layers that exist (`partial_exact_lora`),
+        not converted from another format."""
+        return self.converted_from == f"{self.layout}{PARTIAL_SUFFIX}"
+
+    @property
     def format_name(self) -> str:
-        if self.converted_from is None or self.converted_from.endswith("-partial"):
+        if self.converted_from is None or self.keeps_layout_partially:
             return LAYOUT_NAMES.get(self.layout, self.layout)
         return FORMAT_NAMES.get(self.converted_from, self.converted_from)
 
@@ -693,7 +701,10 @@ def _check_lora_keys(
         # each layer's scale folded into its up matrix, so every layer loads at scale 1.
         hotswap_ok = not any(key.endswith(".lora_B.bias") for key in state_dict)
         scales = {c: dict.fromkeys(names, 1.0) for c, names in modules.items()}
-        partial = {"converted_from": f"{layout}-partial", "skipped_layers": tuple(sorted(skipped))}
+        partial = {
+            "converted_from": f"{layout}{PARTIAL_SUFFIX}",
+            "skipped_layers": tuple(sorted(skipped)),
+        }
     return LoraFileReport(
         sha256=file.sha256,
         size_bytes=file.size_bytes,

@@ -214,10 +214,6 @@ class FairScheduler:
                 return None
             return order.index(job) + (1 if self._running else 0)
 
-    def estimated_start_s(self, job: Job) -> float | None:
-        ahead, per_run = self.position(job), self.stats.seconds_per_run
-        return None if ahead is None or per_run is None else ahead * per_run
-
     def waiting_count(self) -> int:
         with self._changed:
             return self._waiting.count()
@@ -257,11 +253,10 @@ class FairScheduler:
     def _tell_place(self, job: Job) -> None:
         if job.progress is None or job in self._running:
             return
-        ahead = self.position(job)
+        ahead, per_run = self.position(job), self.stats.seconds_per_run
         if ahead is None:
             return
-        eta = self.estimated_start_s(job)
-        when = "" if eta is None else f", starts in about {max(1, round(eta))} s"
+        when = "" if per_run is None else f", starts in about {max(1, round(ahead * per_run))} s"
         job.report(0, 1, f"waiting: {ahead} ahead in line{when}")
 
     # ---- the worker's side --------------------------------------------------------------

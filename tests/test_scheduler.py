@@ -285,3 +285,19 @@ def test_batches_equal_the_default_engine_where_shapes_agree(batching, engine):
     padded = np.asarray(batching.generate(mine).images[0], dtype=np.int16)
     plain = np.asarray(engine.generate(mine).images[0], dtype=np.int16)
     assert np.abs(padded - plain).max() <= 2
+
+
+def test_a_sessions_own_loras_never_share_a_pass_with_another_session(batching):
+    """Uploaded and Hub LoRAs are their session's: the pass activates the set as its first
+    job's session, so such jobs batch only within their own session."""
+    from pipelines.engine import _Work
+
+    def key(session: str, lora: str):
+        loras = (LoraChoice(lora, 1.0),)
+        made = request(loras=(), session_id=session)
+        return _Work(made, made.prompt, loras, (1,), 64, 64, ()).batch_key(batching)
+
+    for private in ("upload-0123abcd-style", "hub-0123abcd-style"):
+        assert key("a", private) != key("b", private)
+        assert key("a", private) == key("a", private)
+    assert key("a", "tiny-ink") == key("b", "tiny-ink")  # a library LoRA is everyone's
