@@ -45,10 +45,18 @@ EXAMPLES_DIR = Path(__file__).with_name("examples")
 RESULT_OUTPUTS = 5  # images, control maps, seed used, recipe, snippet
 RUN_LABEL = "Generate"
 # Ctrl+Enter (Cmd+Enter on a Mac) in the prompt or the negative prompt clicks Generate: the
-# boxes are multi-line, so a plain Enter stays a new line.
-CTRL_ENTER_JS = """() => {
-  if (window.stencilCtrlEnter) return;
-  window.stencilCtrlEnter = true;
+# boxes are multi-line, so a plain Enter stays a new line. On a phone the columns stack and
+# the results sit far below Generate, so tapping it brings the results (where the progress
+# shows) into view.
+PAGE_JS = """() => {
+  if (window.stencilPage) return;
+  window.stencilPage = true;
+  document.addEventListener("click", (event) => {
+    if (!event.target.closest || !event.target.closest("#generate")) return;
+    if (window.innerWidth > PHONE_WIDTH) return;
+    const results = document.querySelector("#results_column");
+    if (results) results.scrollIntoView({block: "start"});
+  }, true);
   document.addEventListener("keydown", (event) => {
     if (event.key !== "Enter" || !(event.ctrlKey || event.metaKey)) return;
     if (!event.target.closest || !event.target.closest("#prompt, #negative_prompt")) return;
@@ -57,7 +65,7 @@ CTRL_ENTER_JS = """() => {
     event.preventDefault();
     button.click();
   }, true);
-}"""
+}""".replace("PHONE_WIDTH", "768")
 # Size presets at the family's size: (width, height) as multiples of 512, per family size.
 PRESETS_AT_512 = ((512, 512), (512, 768), (768, 512), (640, 448), (448, 640))
 PRESETS_AT_1024 = ((1024, 1024), (832, 1216), (1216, 832), (1152, 896), (896, 1152))
@@ -487,12 +495,29 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
         for warning in outcome.warnings:
             gr.Warning(warning)
         yield (
-            list(outcome.image_paths),
-            list(outcome.map_paths),
+            list(zip(outcome.image_paths, outcome.image_captions)),
+            list(zip(outcome.map_paths, outcome.map_captions)),
             outcome.seeds[0],
             outcome.recipe.to_dict(),
-            service.python_snippet(outcome.recipe),
+            service.python_snippet(outcome.recipe, outcome.map_paths),
         )
+
+    def generate_on_page(request: gr.Request, progress=gr.Progress(), **values):
+        """The API's run, plus a box beside the results: an error stays there, naming the
+        unit or field, until the next run, and the previous results stay on the page
+        (an error raised to Gradio would mark them and fade in 10 s)."""
+        run = generate(request, progress, **values)
+        try:
+            first = True
+            for outputs in run:
+                yield (*outputs, gr.update(value="", visible=False) if first else gr.skip())
+                first = False
+        except gr.Error as exc:
+            yield (gr.skip(),) * RESULT_OUTPUTS + (
+                gr.update(value=error_box_text(exc.message, fields.values()), visible=True),
+            )
+        finally:
+            run.close()  # a Stop closes us; the run's own cleanup must follow at once
 
     def estimate(request: gr.Request = None, progress=None, **values) -> int:
         return service.estimate_gpu_seconds(values)
@@ -610,7 +635,8 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
                     type="filepath",
                     elem_id="recipe_drop",
                 )
-            with gr.Column(scale=6):
+            with gr.Column(scale=6, elem_id="results_column"):
+                run_error = gr.Markdown(visible=False, elem_id="run_error")
                 gallery = gr.Gallery(
                     label="Results",
                     format="png",
@@ -622,32 +648,67 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
                 maps = gr.Gallery(
                     label="Control maps used",
                     format="png",
+                    elem_id="maps",
                     columns=2,
                     height=200,
                     object_fit="contain",
                 )
+                # Send a result, or a map, to a control unit without downloading it.
+                picked_result, picked_map = gr.State(0), gr.State(0)
+                positions = [unit.position for unit in units]
+                with gr.Row():
+                    send_result = {
+                        p: gr.Button(f"Result → Control {p}", size="sm", elem_id=f"result_to_{p}")
+                        for p in positions
+                    }
+                    send_map = {
+                        p: gr.Button(f"Map → Control {p}", size="sm", elem_id=f"map_to_{p}")
+                        for p in positions
+                    }
                 used_seed = gr.Number(label="Seed used", precision=0, interactive=False)
+                with gr.Accordion("This session's results", open=False):
+                    history_items = gr.State([])
+                    history = gr.Gallery(
+                        label="Click one to restore its settings",
+                        elem_id="history",
+                        columns=6,
+                        height=180,
+                        object_fit="contain",
+                        allow_preview=False,
+                    )
                 with gr.Accordion("Recipe", open=False):
                     recipe = gr.JSON(label="Recipe (also stored inside every PNG)")
                     snippet = gr.Code(label="Copy as Python (plain diffusers)", language="python")
 
         inputs = {key: components[key] for key in fields}
         accepts_fields(generate, fields)
+        accepts_fields(generate_on_page, fields)
+        results = [gallery, maps, used_seed, recipe, snippet]
+        # Gradio only holds the connections: the engine's scheduler decides what runs on
+        # the model and in which order (fair turns, caps, batches), so every waiting
+        # request must reach it, with its place in line shown as progress.
+        model_queue = {"concurrency_id": MODEL_QUEUE, "concurrency_limit": queue_size + 1}
         generating = run.click(
+            on_gpu(generate_on_page, estimate),
+            inputs_kwargs=inputs,
+            outputs=[*results, run_error],
+            api_visibility="private",
+            **model_queue,
+        )
+        # The API's /generate: the same run, its errors raised to the caller.
+        gr.Button(visible=False).click(
             on_gpu(generate, estimate),
             inputs_kwargs=inputs,
-            outputs=[gallery, maps, used_seed, recipe, snippet],
+            outputs=results,
             api_name="generate",
-            concurrency_id=MODEL_QUEUE,
-            # Gradio only holds the connections: the engine's scheduler decides what runs
-            # on the model and in which order (fair turns, caps, batches), so every waiting
-            # request must reach it, with its place in line shown as progress.
-            concurrency_limit=queue_size + 1,
+            **model_queue,
         )
         # Gradio's cancel takes a queued run out of the queue and closes a running one; the
         # token reaches the engine at once (the page's Stop and the API's Job.cancel() meet).
         halt.click(stop, None, None, queue=False, api_visibility="private", cancels=[generating])
-        demo.load(None, None, None, js=CTRL_ENTER_JS, api_visibility="private")
+        demo.load(None, None, None, js=PAGE_JS, api_visibility="private")
+        _wire_send_to_units(units, gallery, maps, recipe, picked_result, picked_map,
+                            send_result, send_map)  # fmt: skip
         width, height = components["width"], components["height"]
         size_preset.input(
             apply_size_preset, size_preset, [width, height], queue=False, api_visibility="private"
@@ -673,8 +734,11 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
         _wire_loras(service, slots, extra_loras, components["loras"], triggers, add_triggers,
                     components["prompt"], lora_file, slot_infos)  # fmt: skip
         _wire_hub_loras(service, slots, hub_row)
-        _wire_recipe_drop(restore_recipe, recipe_drop, inputs, slots, extra_loras, lora_choices)
-        _examples(components["prompt"], units[0])
+        restore, restore_outputs = _wire_recipe_drop(
+            restore_recipe, recipe_drop, inputs, slots, extra_loras, lora_choices
+        )
+        _wire_history(generating, gallery, history, history_items, restore, restore_outputs)
+        _examples(components["prompt"], units[0], status["family"])
         demo.unload(forget_session)
 
     # api_open=False: direct HTTP calls must go through the queue like the page does.
@@ -715,6 +779,34 @@ def _wire_previews(units, fields, components, preview_for) -> None:
             api_visibility="public" if unit.position == 1 else "private",
             concurrency_id=PREVIEW_QUEUE,  # preprocessors, one at a time, beside generation
         )
+        # The map follows its inputs, so the page never shows a map other than the one a
+        # run would use. "always_last" is the debounce: while a preview runs, only the
+        # newest of the changes made meanwhile runs next.
+        follow = {
+            "fn": quiet_preview(preview_control),
+            "inputs_kwargs": as_first,
+            "outputs": unit.map,
+            "api_visibility": "private",
+            "concurrency_id": PREVIEW_QUEUE,
+            "trigger_mode": "always_last",
+            "show_progress": "minimal",
+        }
+        for key in keys:
+            component = components[key]
+            # The image also when set by the page (a result or map sent to this unit).
+            (component.change if isinstance(component, gr.Image) else component.input)(**follow)
+
+
+def quiet_preview(preview_control):
+    """The preview, run on its own only when there is a map to make: a unit that is off or
+    has no image yet keeps its map box as it is, without a message."""
+
+    def refresh(**values):
+        if values.get("control_type") in (None, NO_CONTROL) or not values.get("control_image"):
+            return gr.skip()
+        return preview_control(**values)
+
+    return refresh
 
 
 def _wire_loras(
@@ -866,18 +958,143 @@ def _wire_recipe_drop(restore_recipe, recipe_drop, inputs, slots, extra_loras, l
     outputs = [inputs[key] for key in restorable]
     outputs += [component for slot in slots for component in slot] + [extra_loras]
     recipe_drop.upload(restore, recipe_drop, outputs, api_visibility="private")
+    return restore, outputs
 
 
-def _examples(prompt, unit: ControlUnitView):
-    rows = [
-        ["a stone cottage in a misty forest, watercolor", "house.png", "canny"],
-        ["a dancer on a stage, dramatic light", "figure.png", "pose"],
-        ["a tunnel of light, photo", "tunnel.png", "depth"],
-    ]
+HISTORY_SIZE = 24  # results kept in a session's history, newest first
+
+
+def add_to_history(results, history):
+    """The run's results put in front of the session's history (each once), at most
+    HISTORY_SIZE; returned twice: for the history gallery and the state behind it."""
+    known = {path for path, _ in history or []}
+    new = [item for item in _gallery_items(results) if item[0] not in known]
+    kept = (new + list(history or []))[:HISTORY_SIZE]
+    return kept, kept
+
+
+def _gallery_items(gallery) -> list[tuple[str, str]]:
+    items = []
+    for index, item in enumerate(gallery or []):
+        path = _gallery_path(gallery, index)
+        caption = (
+            item.get("caption")
+            if isinstance(item, dict)
+            else (item[1] if isinstance(item, (list, tuple)) and len(item) > 1 else None)
+        )
+        if path:
+            items.append((path, caption or ""))
+    return items
+
+
+def _wire_history(generating, gallery, history, history_items, restore, restore_outputs):
+    private = {"queue": False, "api_visibility": "private"}
+    generating.success(
+        add_to_history, [gallery, history_items], [history, history_items], **private
+    )
+
+    def restore_picked(items, event: gr.SelectData):
+        index = event.index if isinstance(event.index, int) else -1
+        if not items or not 0 <= index < len(items):
+            return restore(None)
+        return restore(items[index][0])
+
+    history.select(restore_picked, history_items, restore_outputs, api_visibility="private")
+
+
+# prompt, control image, control type, and the map's type when the image is the map.
+EXAMPLES = [
+    ["a stone cottage in a misty forest, watercolor", "house.png", "canny", "canny"],
+    ["a dancer on a stage, dramatic light", "figure.png", "pose", "canny"],
+    ["a tunnel of light, photo", "tunnel.png", "depth", "canny"],
+]
+# The offline tiny model draws only what it was trained on: prompts and maps it knows.
+TINY_EXAMPLES = [
+    ["a green square on a white background", "tiny-square.png", "canny", "canny"],
+    ["a yellow triangle on a black background", "tiny-triangle-depth.png", "image", "depth"],
+    ["a red figure on a blue background", "tiny-figure-pose.png", "image", "pose"],
+]
+
+
+def error_box_text(message: str, fields) -> str:
+    """The error as the box beside the results shows it, the field it names put as the page
+    labels it ("Control 2 · Control image" for control_image_2)."""
+    place = ""
+    for item in sorted(fields, key=lambda item: -len(item.key)):  # longest key first
+        if message.startswith((f"{item.key}:", f"{item.key}=")):
+            unit = f"Control {item.unit} · " if item.unit else ""
+            place = f"**{unit}{item.spec.label}**: "
+            break
+    return f"⚠️ Not generated. {place}{message}\n\nYour previous results are kept."
+
+
+def picked_index(event: gr.SelectData) -> int:
+    return event.index if isinstance(event.index, int) else 0
+
+
+def result_for_unit(gallery, index):
+    """The picked result (or the first) as a unit's photo; nothing changes without one."""
+    path = _gallery_path(gallery, index)
+    return gr.skip() if path is None else path
+
+
+def map_for_unit(maps, index, recipe):
+    """The picked control map as a unit's own map: its image, "use my image as the map",
+    and the map type the recipe says it was (a drawn map keeps the type it was given)."""
+    path = _gallery_path(maps, index)
+    if path is None:
+        return gr.skip(), gr.skip(), gr.skip()
+    units = (recipe or {}).get("controls") or []
+    unit = units[index] if isinstance(index, int) and index < len(units) else {}
+    map_type = unit.get("control_type", "canny")
+    if map_type == "image":
+        map_type = (unit.get("params") or {}).get("map_type", "canny")
+    return path, "image", map_type
+
+
+def _gallery_path(gallery, index) -> str | None:
+    items = list(gallery or [])
+    if not items:
+        return None
+    item = items[index if isinstance(index, int) and 0 <= index < len(items) else 0]
+    if isinstance(item, dict):
+        item = item.get("image", item)
+    if isinstance(item, (list, tuple)):
+        item = item[0]
+    if isinstance(item, dict):
+        item = item.get("path")
+    return str(item) if item else None
+
+
+def _wire_send_to_units(units, gallery, maps, recipe, picked_result, picked_map, to_result, to_map):
+    private = {"queue": False, "api_visibility": "private"}
+    gallery.select(picked_index, None, picked_result, **private)
+    maps.select(picked_index, None, picked_map, **private)
+    # A new run shows its first image and map as picked, as the galleries do.
+    gallery.change(lambda: 0, None, picked_result, **private)
+    maps.change(lambda: 0, None, picked_map, **private)
+    for unit in units:
+        map_type = unit.components[f"image_map_type{suffix(unit.position)}"]
+        to_result[unit.position].click(
+            result_for_unit, [gallery, picked_result], unit.image, **private
+        )
+        to_map[unit.position].click(
+            map_for_unit,
+            [maps, picked_map, recipe],
+            [unit.image, unit.control_type, map_type],
+            **private,
+        )
+
+
+def _examples(prompt, unit: ControlUnitView, family: str):
+    rows = TINY_EXAMPLES if family == "tiny" else EXAMPLES
     present = [
-        [text, str(EXAMPLES_DIR / image), control]
-        for text, image, control in rows
+        [text, str(EXAMPLES_DIR / image), control, map_type]
+        for text, image, control, map_type in rows
         if (EXAMPLES_DIR / image).is_file()
     ]
+    map_type = unit.components[f"image_map_type{suffix(unit.position)}"]
     if present:
-        gr.Examples(present, [prompt, unit.image, unit.control_type], cache_examples=False)
+        gr.Examples(
+            present, [prompt, unit.image, unit.control_type, map_type], cache_examples=False
+        )

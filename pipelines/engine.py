@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 AUTO_MODEL = "auto"
 DTYPES = ("float32", "float16", "bfloat16")
 OFFLINE_NOTICE = (
-    "Offline: no network and no cached {label}, so Stencil runs its built-in tiny model "
-    "with random weights. Every feature works, but images are test patterns, not pictures."
+    "Offline: no network and no cached {label}; every feature works on the model that runs "
+    "instead. {about}"
 )
 
 
@@ -150,9 +150,11 @@ class Engine:
         """Load `model` (a family name or a local folder), or with "auto" the default
         family when it is cached or the Hub answers, else the tiny family with a notice."""
         if model != AUTO_MODEL:
-            return cls(resolve_family(model), **kwargs)
+            family = resolve_family(model)
+            # A model that draws only some things says so, even when chosen on purpose.
+            return cls(family, notice=family.about or None, **kwargs)
         default = FAMILIES[DEFAULT_FAMILY]
-        notice = OFFLINE_NOTICE.format(label=default.label)
+        notice = OFFLINE_NOTICE.format(label=default.label, about=FAMILIES["tiny"].about)
         if cached_locally(default.base_id) or hub_reachable(default.base_id):
             try:
                 return cls(default, **kwargs)

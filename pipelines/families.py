@@ -49,6 +49,9 @@ class ModelFamily:
     # Makes the base folder locally (the tiny family); None for Hub or user folders.
     builder: Callable[[Path], Path] | None = None
     fp16_variant: bool = False
+    # What the model can draw, for a model that cannot draw everything (the tiny one):
+    # shown at the top of the page whenever it runs.
+    about: str = ""
 
     @property
     def is_local_build(self) -> bool:
@@ -78,6 +81,20 @@ def _build_tiny(cache_root: Path) -> Path:
     return ensure_tiny_family(cache_root)
 
 
+def _tiny_about() -> str:
+    from .tiny import TINY_COLOURS, TINY_SHAPES
+
+    def listed(words, last):
+        return ", ".join(words[:-1]) + f" {last} " + words[-1]
+
+    return (
+        f"The built-in tiny model draws one {listed(TINY_SHAPES[:-1] + ('stick figure',), 'or')}"
+        f" in {listed(TINY_COLOURS, 'or')} on a plain background, at 64 px: try "
+        '"a red circle on a blue background". Canny, depth and pose maps place it; the '
+        "tiny-inverted and tiny-outlined LoRAs restyle it."
+    )
+
+
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family
     for family in (
@@ -101,12 +118,13 @@ FAMILIES: dict[str, ModelFamily] = {
         ),
         ModelFamily(
             name="tiny",
-            label="Stencil tiny (offline test model, random weights)",
+            label="Stencil tiny (offline model trained on shapes)",
             base_id="stencil-tiny",
             architecture="sd",
             default_size=64,
             compat_tag="tiny",
             builder=_build_tiny,
+            about=_tiny_about(),
         ),
     )
 }

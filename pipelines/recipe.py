@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from typing import Any
@@ -197,7 +197,10 @@ def a1111_parameters(recipe: Recipe) -> str:
     from .fields import REQUEST_FIELDS
 
     settings = recipe.settings
-    lines = [settings["prompt"]]
+    active = [lora for lora in recipe.loras if lora.get("active", True)]
+    # A1111 keeps the LoRA tags in the prompt, and readers (Civitai) find the LoRAs there.
+    tags = "".join(f" <lora:{lora['name']}:{lora['weight']:g}>" for lora in active)
+    lines = [settings["prompt"] + tags]
     if settings.get("negative_prompt"):
         lines.append(f"Negative prompt: {settings['negative_prompt']}")
     fields = [
@@ -206,8 +209,51 @@ def a1111_parameters(recipe: Recipe) -> str:
         if spec.a1111 and spec.recipe in settings
     ]
     fields += [f"Size: {settings['width']}x{settings['height']}", f"Model: {recipe.model['base']}"]
+    fields += [
+        f"ControlNet {index}: {_quoted(_a1111_unit(unit))}"
+        for index, unit in enumerate(recipe.controls)
+    ]
+    hashes = [f"{lora['name']}: {lora['sha256'][:12]}" for lora in active if lora.get("sha256")]
+    if hashes:  # A1111's short hash: the first 12 hex digits of the file's sha256
+        fields.append(f"Lora hashes: {_quoted(', '.join(hashes))}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
+
+
+# sd-webui-controlnet's module names for Stencil's preprocessors ("none": the image is the map).
+_A1111_MODULES = {"pose": "openpose", "canny": "canny", "depth": "depth_anything_v2"}
+
+
+def _a1111_unit(unit: Mapping[str, Any]) -> str:
+    """One ControlNet unit as sd-webui-controlnet writes it into `parameters`."""
+    from .controls import get_control_spec
+
+    # The recipe keeps the parameters a request set; the rest are the declared defaults.
+    declared = {
+        param.name: param.default for param in get_control_spec(unit["control_type"]).params
+    }
+    params = {**declared, **(unit.get("params") or {})}
+    parts = [
+        f"Module: {_A1111_MODULES.get(unit['control_type'], 'none')}",
+        f"Model: {str(unit.get('controlnet') or '').rsplit('/', 1)[-1]}",
+        f"Weight: {unit['conditioning_scale']:g}",
+        f"Processor Res: {unit['resolution']}",
+    ]
+    if unit["control_type"] == "canny":
+        parts += [
+            f"Threshold A: {params['low_threshold']}",
+            f"Threshold B: {params['high_threshold']}",
+        ]
+    parts += [
+        f"Guidance Start: {unit['guidance_start']:g}",
+        f"Guidance End: {unit['guidance_end']:g}",
+    ]
+    return ", ".join(parts)
+
+
+def _quoted(text: str) -> str:
+    """A1111 quotes a value holding commas, escaping quotes inside it (json.dumps does)."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 def png_bytes_with_recipe(image, recipe: Recipe) -> bytes:
@@ -247,11 +293,13 @@ def read_recipe(image) -> Recipe | None:
     return Recipe.from_dict(data)
 
 
-def python_snippet(recipe: Recipe) -> str:
+def python_snippet(recipe: Recipe, map_files: Sequence[str] = ()) -> str:
     """The same recipe as a runnable plain-diffusers script (LoRAs and controls included).
 
     The pipeline classes are the family's architecture's; the call's keyword arguments are
-    the declared fields' `pipeline_arg`s, written the way the engine passes them.
+    the declared fields' `pipeline_arg`s, written the way the engine passes them. The
+    control maps are read from `map_files` (file names: the page's "Control maps used",
+    which download under these names), or from control_map_<i>.png when not given.
     """
     from .families import ARCHITECTURES
 
@@ -261,32 +309,49 @@ def python_snippet(recipe: Recipe) -> str:
         *_snippet_pipeline(recipe, classes),
         *_snippet_adapters(recipe),
         "image = pipe(",
-        *_snippet_call(recipe),
+        *_snippet_call(recipe, map_files),
         ").images[0]",
         'image.save("out.png")',
     ]
     return "\n".join(lines) + "\n"
 
 
+def _is_tiny(recipe: Recipe) -> bool:
+    return recipe.model.get("family") == "tiny"
+
+
 def _snippet_preamble(recipe: Recipe, classes: Mapping[str, str]) -> list[str]:
-    lines = []
-    if recipe.model.get("family") == "tiny":
-        lines += [
-            "# 'stencil-tiny' is Stencil's offline test model: make it with",
-            "# pipelines.tiny.ensure_tiny_family(folder) and use that folder here.",
-        ]
     pipeline_class = classes["controlnet" if recipe.controls else "text2img"]
     imports = sorted({pipeline_class, _scheduler_class(recipe.settings["scheduler"])})
     if recipe.controls:
         imports.insert(0, classes["controlnet_model"])
-    return lines + [
+    lines = [
         "import torch",
         f"from diffusers import {', '.join(imports)}",
         "from diffusers.utils import load_image",
+    ]
+    if _is_tiny(recipe):
+        # The tiny model is not on the Hub: Stencil's own code finds (or makes) its folder.
+        lines += [
+            "",
+            "# Stencil's offline tiny model: run this with Stencil's folder on the Python path.",
+            "from pipelines.settings import cache_dir",
+            "from pipelines.tiny import ensure_tiny_family",
+            "",
+            "tiny = ensure_tiny_family(cache_dir())",
+        ]
+    return lines + [
         "",
         'device = "cuda" if torch.cuda.is_available() else "cpu"',
         'dtype = torch.float16 if device == "cuda" else torch.float32',
     ]
+
+
+def _model_ref(recipe: Recipe, ref: str) -> str:
+    """A base or ControlNet reference as code: a Hub id, or a part of the tiny folder."""
+    if not _is_tiny(recipe):
+        return repr(ref)
+    return "str(tiny)" if ref == recipe.model["base"] else f"str(tiny / {ref!r})"
 
 
 def _snippet_pipeline(recipe: Recipe, classes: Mapping[str, str]) -> list[str]:
@@ -298,7 +363,7 @@ def _snippet_pipeline(recipe: Recipe, classes: Mapping[str, str]) -> list[str]:
     lines = []
     if controls:
         nets = ", ".join(
-            f"{classes['controlnet_model']}.from_pretrained({c['controlnet']!r},"
+            f"{classes['controlnet_model']}.from_pretrained({_model_ref(recipe, c['controlnet'])},"
             f"{_revision_arg(c.get('controlnet_revision'))} torch_dtype=dtype)"
             for c in controls
         )
@@ -307,7 +372,7 @@ def _snippet_pipeline(recipe: Recipe, classes: Mapping[str, str]) -> list[str]:
     scheduler = recipe.settings["scheduler"]
     return lines + [
         f"pipe = {pipeline_class}.from_pretrained(",
-        f"    {model['base']!r},{revision}{extra} torch_dtype=dtype,",
+        f"    {_model_ref(recipe, model['base'])},{revision}{extra} torch_dtype=dtype,",
         ").to(device)",
         f"pipe.scheduler = {_scheduler_class(scheduler)}.from_config("
         f"pipe.scheduler.config{_scheduler_overrides(scheduler)})",
@@ -320,6 +385,8 @@ def _snippet_adapters(recipe: Recipe) -> list[str]:
 
     loras = [lora for lora in recipe.loras if lora.get("active", True)]
     lines = [_load_lora_line(lora) for lora in loras]
+    # One that cannot be loaded here (said in a comment) is not set active either.
+    loras = [lora for lora, line in zip(loras, lines) if not line.startswith("#")]
     if loras:
         names = [lora["name"] for lora in loras]
         weights = [lora["weight"] for lora in loras]
@@ -330,7 +397,7 @@ def _snippet_adapters(recipe: Recipe) -> list[str]:
     return lines
 
 
-def _snippet_call(recipe: Recipe) -> list[str]:
+def _snippet_call(recipe: Recipe, map_files: Sequence[str] = ()) -> list[str]:
     """The pipeline call's arguments: each declared field's `pipeline_arg`, per unit too."""
     from .fields import REQUEST_FIELDS, unit_fields
 
@@ -343,7 +410,10 @@ def _snippet_call(recipe: Recipe) -> list[str]:
         f"    width={settings['width']}, height={settings['height']},",
         f"    generator=torch.Generator('cpu').manual_seed({settings['seed']}),",
     ]
-    if controls:
+    if controls and len(map_files) == len(controls):
+        maps = ", ".join(f"load_image({name!r})" for name in map_files)
+        call.append(f'    image=[{maps}],  # the page\'s "Control maps used", as downloaded')
+    elif controls:
         call.append(
             f"    image=[load_image(f'control_map_{{i}}.png') for i in range({len(controls)})],"
         )
@@ -365,6 +435,12 @@ def _load_lora_line(lora: dict) -> str:
         return (
             f"pipe.load_lora_weights('loras', weight_name={lora['file']!r}, "
             f"adapter_name={lora['name']!r}){digest}"
+        )
+    if lora.get("source") == "upload" and lora.get("sha256"):
+        # Stencil stores an upload under its content hash; the user's copy, so named, loads.
+        return (
+            f"pipe.load_lora_weights('.', weight_name={lora['sha256'] + '.safetensors'!r}, "
+            f"adapter_name={lora['name']!r})  # your uploaded file, named by its sha256"
         )
     return f"# {lora['name']!r} was uploaded in the page; load your copy of it here{digest}"
 

@@ -37,6 +37,10 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
         SchedulerSpec("UniPC", "UniPCMultistepScheduler"),
         # SD 1.5 was trained without sample clipping; DDIM would otherwise default to it.
         SchedulerSpec("DDIM", "DDIMScheduler", {"clip_sample": False}),
+        # For the few-step distillation LoRAs of the catalogue (LCM-LoRA, TCD-LoRA, Hyper-SD):
+        # 4 to 8 steps at a guidance scale of about 1.
+        SchedulerSpec("LCM", "LCMScheduler"),
+        SchedulerSpec("TCD", "TCDScheduler"),
     )
 }
 DEFAULT_SCHEDULER = "Euler a"

@@ -25,7 +25,7 @@ from typing import Any
 
 # A few sentences from which the offline tokenizer learns its merges: enough for common
 # prompt words to be single tokens, as in CLIP's real vocabulary.
-_BPE_CORPUS = """
+BPE_CORPUS = """
 a photo of a cat sitting on a red chair in the sun, portrait of a woman with long hair,
 a dog running on the beach at sunset, oil painting of a mountain landscape with a lake,
 a man standing in a city street at night, neon lights, highly detailed, sharp focus,
@@ -37,12 +37,12 @@ MAX_PROMPT_TOKENS = 77  # CLIP's context length, start and end tokens included
 LATENT_CHANNELS = 4
 
 
-def build_offline_tokenizer():
+def build_offline_tokenizer(corpus: str = BPE_CORPUS, num_merges: int = _BPE_MERGES):
     """A real CLIP byte-level BPE tokenizer, written as vocab.json + merges.txt and loaded
     back through `from_pretrained`, exactly as a Hub tokenizer folder is read."""
     from transformers import CLIPTokenizer
 
-    vocab, merges = _learn_clip_bpe(_BPE_CORPUS, _BPE_MERGES)
+    vocab, merges = _learn_clip_bpe(corpus, num_merges)
     with tempfile.TemporaryDirectory(prefix="stencil-tok-") as tmp:
         vocab_file = Path(tmp) / "vocab.json"
         merges_file = Path(tmp) / "merges.txt"

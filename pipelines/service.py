@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +35,9 @@ class GenerationOutcome:
     recipe: Recipe
     warnings: tuple[str, ...]
     seconds: float
+    # Shown under each result and map: the seed and size it was made with, which unit.
+    image_captions: tuple[str, ...] = ()
+    map_captions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,16 @@ class StencilService:
             recipe=result.recipe,
             warnings=result.warnings,
             seconds=result.seconds,
+            image_captions=tuple(
+                f"seed {seed} · {image.width}×{image.height}"
+                for image, seed in zip(result.images, result.seeds)
+            ),
+            map_captions=tuple(
+                f"Control {position}: {unit.control_type} · {image.width}×{image.height}"
+                for position, (unit, image) in enumerate(
+                    zip(request.controls, result.control_maps), start=1
+                )
+            ),
         )
 
     def build_request(
@@ -180,10 +193,11 @@ class StencilService:
             raise InvalidRequestError("recipe_image", Path(path).name, str(exc)) from None
 
     @staticmethod
-    def python_snippet(recipe: Recipe) -> str:
+    def python_snippet(recipe: Recipe, map_paths: Sequence[str] = ()) -> str:
+        """The recipe as a script; its control maps named as the page's files of them."""
         from .recipe import python_snippet
 
-        return python_snippet(recipe)
+        return python_snippet(recipe, [Path(path).name for path in map_paths])
 
     def estimate_gpu_seconds(self, fields: Mapping[str, Any]) -> int:
         """A generous bound for a Space's GPU slot: SD 1.5 at 512x512 runs ~20 steps/s on

@@ -5,12 +5,15 @@ Usage: python scripts/make_examples.py   (writes examples/*.png; deterministic)
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-OUT = Path(__file__).resolve().parents[1] / "examples"
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "examples"
+sys.path.insert(0, str(ROOT))
 
 
 def house() -> Image.Image:
@@ -45,10 +48,31 @@ def tunnel() -> Image.Image:
     return Image.fromarray(np.stack([shade, shade, (shade * 0.8).astype(np.uint8)], axis=2))
 
 
+# The offline tiny model's examples: scenes it was trained on (see tiny_training/scenes.py),
+# a picture for its canny unit and drawn maps for depth and pose ("use my image as the map").
+TINY_SQUARE = dict(shape="square", colour="green", background="white", centre=(22.0, 40.0))
+TINY_TRIANGLE = dict(shape="triangle", colour="yellow", background="black", centre=(40.0, 26.0))
+TINY_FIGURE = dict(shape="figure", colour="red", background="blue", centre=(24.0, 32.0))
+
+
+def tiny_examples() -> dict[str, Image.Image]:
+    from tiny_training import scenes
+
+    square = scenes.Scene(**TINY_SQUARE, size=14.0)
+    triangle = scenes.Scene(**TINY_TRIANGLE, size=15.0, depth=0.9)
+    figure = scenes.Scene(**TINY_FIGURE, size=20.0, pose=(0.6, -0.4, 0.3, 0.0))
+    return {
+        "tiny-square": scenes.render(square),
+        "tiny-triangle-depth": scenes.depth_map(triangle),
+        "tiny-figure-pose": scenes.pose_map(figure),
+    }
+
+
 def main() -> None:
     OUT.mkdir(exist_ok=True)
-    for name, draw in (("house", house), ("figure", figure), ("tunnel", tunnel)):
-        draw().save(OUT / f"{name}.png", optimize=True)
+    drawn = {"house": house(), "figure": figure(), "tunnel": tunnel(), **tiny_examples()}
+    for name, image in drawn.items():
+        image.save(OUT / f"{name}.png", optimize=True)
         print("wrote", OUT / f"{name}.png")
 
 

@@ -51,6 +51,10 @@ def test_generate_with_a_canny_map_and_a_lora(client, house):
     image = Image.open(path_of(gallery[0]))
     assert image.size == (64, 40)  # the house photo's 3:2 aspect at the tiny size
     assert Image.open(path_of(maps[0])).mode == "RGB"
+    # Each result says the seed and size it was made with; each map, its unit and type.
+    assert gallery[0]["caption"] == "seed 5 · 64×40"
+    width, height = Image.open(path_of(maps[0])).size  # the map keeps its own resolution
+    assert maps[0]["caption"] == f"Control 1: canny · {width}×{height}"
     assert seed == 5
     assert recipe["loras"][0]["name"] == "tiny-ink" and recipe["loras"][0]["weight"] == 0.9
     assert "set_adapters(['tiny-ink']" in snippet
@@ -258,3 +262,54 @@ def test_the_readme_api_snippet_runs_as_written(running_app, monkeypatch, capsys
     monkeypatch.chdir(ROOT)
     exec(compile(snippet.replace("http://127.0.0.1:7860/", running_app), "README", "exec"), {})
     assert "tiny-ink" in capsys.readouterr().out
+
+
+def test_the_snippet_runs_as_written_and_draws_the_same_pixels(client, tmp_path):
+    """The page's "copy as Python", run as given, beside the files it names: the control
+    map as downloaded from the page and Stencil's LoRA folder."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    square = ROOT / "examples" / "tiny-square.png"
+    gallery, maps, _, _, snippet = client.predict(
+        prompt="a green square on a white background",
+        control_type="canny",
+        control_image=handle_file(str(square)),
+        loras="tiny-outlined:1",
+        seed=3,
+        steps=6,
+        api_name="/generate",
+    )
+    map_file = Path(path_of(maps[0]))
+    assert f"load_image({map_file.name!r})" in snippet
+    shutil.copy(map_file, tmp_path / map_file.name)
+    (tmp_path / "loras").symlink_to(ROOT / "loras")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env, check=True, timeout=300)
+    ran = np.asarray(Image.open(tmp_path / "out.png").convert("RGB"))
+    shown = np.asarray(Image.open(path_of(gallery[0])).convert("RGB"))
+    assert np.array_equal(ran, shown)
+
+
+def test_each_image_of_a_batch_of_three_re_runs_bit_exact_from_its_own_recipe(client):
+    gallery, *_ = client.predict(
+        prompt="a red circle on a blue background", seed=90, steps=4, num_images=3,
+        api_name="/generate",
+    )  # fmt: skip
+    assert len(gallery) == 3
+    for item in gallery:
+        image = Image.open(path_of(item))
+        recipe = read_recipe(image)
+        assert recipe.settings["num_images"] == 1  # each image's recipe is its own
+        again, *_ = client.predict(
+            prompt=recipe.settings["prompt"],
+            seed=recipe.settings["seed"],
+            steps=recipe.settings["steps"],
+            num_images=1,
+            api_name="/generate",
+        )
+        rerun = Image.open(path_of(again[0]))
+        assert rerun.convert("RGB").tobytes() == image.convert("RGB").tobytes()

@@ -53,7 +53,7 @@ def page(running_app):
 def test_upload_preview_generate_and_see_the_image(page):
     assert "tiny model" in page.locator("#status").inner_text()
 
-    page.locator("#prompt textarea").fill("a stone cottage, ink")
+    page.locator("#prompt textarea").fill("a white square on a blue background")
     page.locator("#control_image input[type=file]").set_input_files(str(HOUSE))
     page.locator("#control_type input").click()
     page.get_by_role("option", name="Canny edges").click()
@@ -153,3 +153,101 @@ def test_picking_a_lora_sets_its_weight_and_shows_its_tag(page):
         "() => [...document.querySelectorAll('#loras textarea, #loras input')]"
         ".some(box => box.value === 'tiny-neon:0.8')"
     )
+
+
+def test_a_map_sent_to_control_2_steers_the_next_image(page):
+    page.get_by_role("tab", name="Control 1").click()
+    if not page.locator("#control_image img").count():
+        page.locator("#control_image input[type=file]").set_input_files(str(HOUSE))
+        page.locator("#control_image img").first.wait_for()
+    page.locator("#control_type input").click()
+    page.get_by_role("option", name="Canny edges").click()
+    shown = page.locator("#results img")
+    before = shown.first.get_attribute("src") if shown.count() else None
+    page.locator("#generate").click()
+    page.wait_for_function(NEW_RESULT, arg=before)
+    page.locator("#maps img").first.wait_for()
+    assert page.locator("#maps img").count() == 1
+
+    page.locator("#map_to_2").click()
+    page.get_by_role("tab", name="Control 2").click()
+    page.locator("#control_image_2 img").first.wait_for()
+    page.wait_for_function(
+        "() => document.querySelector('#control_type_2 input').value === 'Use my image as the map'"
+    )
+    before = page.locator("#results img").first.get_attribute("src")
+    page.locator("#generate").click()
+    page.wait_for_function(NEW_RESULT, arg=before)
+    # Both units steered it: the map from unit 1, and the same map, sent, in unit 2.
+    page.wait_for_function("() => document.querySelectorAll('#maps img').length === 2")
+
+
+def test_an_error_stays_beside_the_kept_results_until_the_next_run(page):
+    page.locator("#results img").first.wait_for()
+    kept = page.locator("#results img").first.get_attribute("src")
+    page.get_by_role("tab", name="LoRAs").click()
+    loras = page.locator("#loras textarea, #loras input").first
+    loras.fill("nope:1")
+    page.locator("#generate").click()
+    box = page.locator("#run_error")
+    box.get_by_text("unknown LoRA 'nope'").wait_for()
+    page.wait_for_timeout(11_000)  # past the 10 s a toast stays
+    assert box.is_visible() and "Not generated" in box.inner_text()
+    assert page.locator("#results img").first.get_attribute("src") == kept
+
+    loras.fill("")
+    page.locator("#generate").click()
+    page.wait_for_function(NEW_RESULT, arg=kept)
+    box.wait_for(state="hidden")
+
+
+def test_a_history_item_restores_its_settings(page):
+    prompt = page.locator("#prompt textarea")
+    for text in ("a copper kettle, ink", "a paper boat, ink"):
+        before = page.locator("#results img").first.get_attribute("src")
+        prompt.fill(text)
+        page.locator("#generate").click()
+        page.wait_for_function(NEW_RESULT, arg=before)
+    page.get_by_text("This session's results", exact=True).click()
+    items = page.locator("#history img")
+    items.nth(1).wait_for()  # newest first: the kettle is second
+    items.nth(1).click()
+    page.wait_for_function(
+        "() => document.querySelector('#prompt textarea').value === 'a copper kettle, ink'"
+    )
+
+
+def test_the_preview_follows_a_threshold_change(page):
+    page.get_by_role("tab", name="Control 1").click()
+    if not page.locator("#control_image img").count():
+        page.locator("#control_image input[type=file]").set_input_files(str(HOUSE))
+    page.locator("#control_type input").click()
+    page.get_by_role("option", name="Canny edges").click()
+    page.locator("#control_map img").first.wait_for()  # made on its own, no button pressed
+    before = page.locator("#control_map img").first.get_attribute("src")
+    low = page.locator("#canny_low_threshold input[type=number]")
+    low.fill("30")
+    low.press("Enter")
+    page.wait_for_function(
+        "before => { const img = document.querySelector('#control_map img');"
+        " return img && img.getAttribute('src') !== before; }",
+        arg=before,
+    )
+
+
+def test_on_a_phone_tapping_generate_brings_the_results_into_view(page):
+    page.set_viewport_size({"width": 390, "height": 844})
+    try:
+        page.locator("#generate").scroll_into_view_if_needed()
+        before = page.locator("#results img").first.get_attribute("src")
+        page.locator("#generate").click()
+        in_view = (
+            "() => { const box = document.querySelector('#results').getBoundingClientRect();"
+            " return box.top >= 0 && box.top < window.innerHeight; }"
+        )
+        page.wait_for_function(in_view)
+        page.wait_for_function(NEW_RESULT, arg=before)
+        assert page.evaluate(in_view)  # and it stays there while the result arrives
+        page.screenshot(path=str(SCREENSHOT.with_name("stencil-phone.png")))
+    finally:
+        page.set_viewport_size({"width": 1400, "height": 1100})

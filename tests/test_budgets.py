@@ -353,7 +353,10 @@ def test_results_expire_from_both_folders(app_with_short_budgets):
     assert gradio_copy.is_relative_to(cache / "gradio") and gradio_copy.is_file()
     assert stencil_copy.is_file()
     examples = {p for p in cached_files(cache / "gradio") if p.parent.parent == cache / "gradio"}
-    examples = {p for p in examples if p.name in {"house.png", "figure.png", "tunnel.png"}}
+    from ui import EXAMPLES, TINY_EXAMPLES
+
+    example_names = {row[1] for row in EXAMPLES + TINY_EXAMPLES}
+    examples = {p for p in examples if p.name in example_names}
 
     deadline = time.time() + 40  # age 10 s, swept every second
     while gradio_copy.exists() and time.time() < deadline:

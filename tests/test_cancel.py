@@ -117,11 +117,14 @@ def test_a_run_cancelled_while_queued_never_starts(served, engine):
     assert runs.steps.get("queued", 0) == 0  # not one denoising step of it ran
 
 
-def test_the_stop_button_cancels_the_generate_event(served):
+def test_the_stop_button_cancels_the_pages_run(served):
     """The page's Stop uses the same cancel, so a queued run is dropped from the queue."""
     _runs, url = served
     config = Client(url, verbose=False).config
     dependencies = config["dependencies"]
-    generate = next(d for d in dependencies if d.get("api_name") == "generate")
-    stoppers = [d for d in dependencies if generate["id"] in (d.get("cancels") or [])]
-    assert stoppers, "no event cancels /generate"
+    button = next(
+        c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "generate"
+    )
+    page_run = next(d for d in dependencies if [button, "click"] in d.get("targets", []))
+    stoppers = [d for d in dependencies if page_run["id"] in (d.get("cancels") or [])]
+    assert stoppers, "no event cancels the page's run"

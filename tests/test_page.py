@@ -75,3 +75,56 @@ def test_a_slot_shows_what_its_lora_is_and_the_tag_to_type(entries):
     bare = [{"name": "bare", "display_name": "Bare", "trigger_words": [], "licence": ""}]
     assert "not stated" in ui.lora_slot_markdown(bare, "bare", 1)
     assert "**Trigger words:** none" in ui.lora_slot_markdown(bare, "bare", 1)
+
+
+GALLERY = [
+    {"image": {"path": "/outputs/a.png"}, "caption": "seed 1 · 64×64"},
+    {"image": {"path": "/outputs/b.png"}, "caption": "seed 2 · 64×64"},
+]
+RECIPE = {
+    "controls": [
+        {"control_type": "pose", "params": {}},
+        {"control_type": "image", "params": {"map_type": "depth"}},
+    ]
+}
+
+
+def test_a_result_goes_to_a_unit_as_its_photo():
+    assert ui.result_for_unit(GALLERY, 1) == "/outputs/b.png"
+    assert ui.result_for_unit(GALLERY, None) == "/outputs/a.png"  # nothing picked: the first
+    assert ui.result_for_unit([("/outputs/c.png", "caption")], 0) == "/outputs/c.png"
+    assert ui.result_for_unit([], 0).__class__ is not str  # no result yet: nothing changes
+
+
+def test_a_map_goes_to_a_unit_as_its_own_map_with_its_type():
+    # A pose map arrives as "use my image as the map" of type pose...
+    assert ui.map_for_unit(GALLERY, 0, RECIPE) == ("/outputs/a.png", "image", "pose")
+    # ...and a map the user drew keeps the type it was given.
+    assert ui.map_for_unit(GALLERY, 1, RECIPE) == ("/outputs/b.png", "image", "depth")
+    assert all(part.__class__ is not str for part in ui.map_for_unit(None, 0, RECIPE))
+
+
+def test_an_error_names_the_unit_and_field_as_the_page_labels_them():
+    from pipelines.form import form_fields
+
+    fields = form_fields({"text_encoder_layers": 2})
+    text = ui.error_box_text("control_image_2: the image is empty (0 bytes)", fields)
+    assert "**Control 2 · Control image**: control_image_2: the image is empty" in text
+    text = ui.error_box_text("steps=500 is not allowed: at most 150", fields)
+    assert "**Steps**: steps=500" in text
+    # A message about no one field is shown as it is.
+    assert "Not generated. unknown LoRA 'nope'" in ui.error_box_text("unknown LoRA 'nope'", fields)
+
+
+def test_the_history_keeps_each_result_once_newest_first_and_bounded():
+    history, state = ui.add_to_history(GALLERY, [])
+    assert (
+        history
+        == state
+        == [("/outputs/a.png", "seed 1 · 64×64"), ("/outputs/b.png", "seed 2 · 64×64")]
+    )
+    again, _ = ui.add_to_history(GALLERY, history)  # the same results again: nothing new
+    assert again == history
+    newer = [{"image": {"path": f"/outputs/{n}.png"}, "caption": ""} for n in range(30)]
+    history, _ = ui.add_to_history(newer, history)
+    assert len(history) == ui.HISTORY_SIZE and history[0][0] == "/outputs/0.png"

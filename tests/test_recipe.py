@@ -7,7 +7,7 @@ import json
 from dataclasses import replace
 
 import pytest
-from conftest import hub_snapshot
+from conftest import ROOT, hub_snapshot
 from PIL import Image
 
 from pipelines.recipe import (
@@ -38,11 +38,7 @@ def test_a_png_without_a_recipe_reads_as_none():
 
 
 @pytest.mark.parametrize("clip_skip", [1, 2])
-def test_the_python_snippet_reproduces_the_image_with_plain_diffusers(
-    engine, cache_root, clip_skip
-):
-    from pipelines.tiny import tiny_family_dir
-
+def test_the_python_snippet_reproduces_the_image_with_plain_diffusers(engine, clip_skip):
     request = GenerationRequest(
         "a red fox",
         seed=31,
@@ -54,9 +50,8 @@ def test_the_python_snippet_reproduces_the_image_with_plain_diffusers(
         loras=(LoraChoice("tiny-ink", 0.7),),
     )
     result = engine.generate(request)
-    snippet = python_snippet(result.recipe).replace(
-        "'stencil-tiny'", repr(str(tiny_family_dir(cache_root)))
-    )
+    snippet = python_snippet(result.recipe)
+    assert "tiny = ensure_tiny_family(cache_dir())" in snippet  # the test cache's folder
     snippet = snippet.replace("'loras'", repr(str(engine.loras.folder)))
     snippet = snippet.replace('image.save("out.png")', "")
     namespace: dict = {}
@@ -151,3 +146,31 @@ def test_clip_skip_changes_the_image_and_is_refused_past_the_text_encoder(engine
     layers = engine.model_facts["text_encoder_layers"]
     with pytest.raises(InvalidRequestError, match=f"clip_skip={layers + 1} .* from 1 to {layers}"):
         engine.generate(GenerationRequest(**base, clip_skip=layers + 1))
+
+
+def test_the_a1111_parameters_carry_the_control_units_and_lora_hashes(engine):
+    import hashlib
+
+    from pipelines.requests import ControlUnit
+
+    house = Image.open(ROOT / "examples" / "house.png")
+    request = GenerationRequest(
+        "a cottage",
+        seed=4,
+        steps=2,
+        width=64,
+        height=64,
+        controls=(ControlUnit(control_type="canny", image=house, conditioning_scale=0.8),),
+        loras=(LoraChoice("tiny-ink", 0.7),),
+    )
+    result = engine.generate(request)
+    data = png_bytes_with_recipe(result.images[0], result.recipe)
+    parameters = Image.open(io.BytesIO(data)).info["parameters"]
+    prompt, settings = parameters.split("\n")
+    assert prompt == "a cottage <lora:tiny-ink:0.7>"  # where A1111 and Civitai look for LoRAs
+    assert (
+        'ControlNet 0: "Module: canny, Model: controlnet-canny, Weight: 0.8, Processor Res: 512,'
+        ' Threshold A: 100, Threshold B: 200, Guidance Start: 0, Guidance End: 1"'
+    ) in settings
+    digest = hashlib.sha256((ROOT / "loras" / "tiny-ink.safetensors").read_bytes()).hexdigest()
+    assert f'Lora hashes: "tiny-ink: {digest[:12]}"' in settings

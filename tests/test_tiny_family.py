@@ -1,4 +1,5 @@
-"""The tiny family is real: built in memory, saved, and loaded back by from_pretrained."""
+"""The tiny family is real: trained weights in the repository, copied to the cache whole, and
+loaded back by from_pretrained exactly as Hub weights are."""
 
 from __future__ import annotations
 
@@ -7,45 +8,73 @@ import hashlib
 import torch
 from diffusers import StableDiffusionPipeline
 
-from pipelines.tiny import build_tiny_components, ensure_tiny_family, write_tiny_family
+from pipelines.atomic_folder import MANIFEST_NAME
+from pipelines.sd_builder import build_unet
+from pipelines.tiny import (
+    TINY_COLOURS,
+    TINY_SHAPES,
+    TINY_SIZE,
+    TRAINED_TINY_DIR,
+    build_tiny_components,
+    ensure_tiny_family,
+)
 
 
 def _image(pipe):
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(3)
     return pipe(
-        "a cat on a chair", num_inference_steps=2, height=64, width=64, generator=generator
+        "a red circle on a blue background",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=generator,
     ).images[0]
 
 
-def test_saved_family_loads_with_from_pretrained_and_gives_the_same_image(tmp_path):
+def _digests(folder):
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_NAME
+    }
+
+
+def test_the_cache_holds_the_repository_weights_file_for_file(tmp_path):
+    folder = ensure_tiny_family(tmp_path)
+    assert _digests(folder) == _digests(TRAINED_TINY_DIR)
+    names = list(_digests(folder))
+    assert any(name.endswith(".safetensors") for name in names)
+    assert not any(name.endswith((".bin", ".pt", ".pth", ".ckpt")) for name in names)
+    for control_type in ("canny", "depth", "pose"):
+        assert f"controlnet-{control_type}/diffusion_pytorch_model.safetensors" in names
+
+
+def test_the_cached_copy_loads_with_from_pretrained_and_gives_the_same_image(tmp_path):
     in_memory = StableDiffusionPipeline(
         **build_tiny_components(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    folder = ensure_tiny_family(tmp_path)
-    loaded = StableDiffusionPipeline.from_pretrained(folder, use_safetensors=True)
+    loaded = StableDiffusionPipeline.from_pretrained(ensure_tiny_family(tmp_path))
     assert _image(in_memory).tobytes() == _image(loaded).tobytes()
 
 
-def test_same_seed_writes_the_same_bytes(tmp_path):
-    write_tiny_family(tmp_path / "a")
-    write_tiny_family(tmp_path / "b")
-    built = tmp_path / "a"
-    files = sorted(p.relative_to(built) for p in built.rglob("*") if p.is_file())
-    assert any(str(f).endswith(".safetensors") for f in files)
-    assert not any(str(f).endswith((".bin", ".pt", ".pth", ".ckpt")) for f in files)
-    for relative in files:
-        digest_a = hashlib.sha256((tmp_path / "a" / relative).read_bytes()).hexdigest()
-        digest_b = hashlib.sha256((tmp_path / "b" / relative).read_bytes()).hexdigest()
-        assert digest_a == digest_b, relative
+def test_the_trained_weights_keep_the_family_architecture():
+    untrained = build_unet(TINY_SIZE)
+    trained = build_tiny_components()["unet"]
+    shapes = {name: tuple(p.shape) for name, p in untrained.state_dict().items()}
+    assert shapes == {name: tuple(p.shape) for name, p in trained.state_dict().items()}
+    # ...and they are trained: not the builder's seeded starting point.
+    conv_in = "conv_in.weight"
+    assert not torch.equal(untrained.state_dict()[conv_in], trained.state_dict()[conv_in])
 
 
-def test_tokenizer_is_a_real_bpe(tmp_path):
-    folder = ensure_tiny_family(tmp_path)
-    pipe = StableDiffusionPipeline.from_pretrained(folder)
+def test_tokenizer_is_a_real_bpe_that_knows_the_caption_words(tmp_path):
+    pipe = StableDiffusionPipeline.from_pretrained(ensure_tiny_family(tmp_path))
     tokens = pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer("a photo of a cat").input_ids)
     assert tokens[0] == "<|startoftext|>" and tokens[-1] == "<|endoftext|>"
     assert "photo</w>" in tokens  # learned merges, not single bytes
+    for word in (*TINY_COLOURS, *TINY_SHAPES, "background"):
+        assert pipe.tokenizer.tokenize(word) == [f"{word}</w>"], word

@@ -1,0 +1,71 @@
+"""The tiny family's training data, its measures, and the training's determinism.
+
+The adherence tests are only as good as the reader of pictures they use: here it reads the
+pictures the model was trained on, whose answers are known, and must get them right.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tiny_training import measure, scenes, train
+
+
+def _scenes(count, seed=0, figure=None):
+    rng = np.random.default_rng(seed)
+    return [scenes.random_scene(rng, figure=figure) for _ in range(count)]
+
+
+def test_the_reader_names_the_colours_and_shape_of_drawn_scenes():
+    made = _scenes(200, seed=1)
+    right = sum(
+        (reading.colour, reading.background, reading.shape) == (s.colour, s.background, s.shape)
+        for s in made
+        for reading in [measure.read_picture(scenes.render(s))]
+    )
+    assert right / len(made) >= 0.97
+
+
+def test_the_reader_names_inverted_colours_by_the_colour_they_invert():
+    palette = measure.inverted_palette()
+    for scene in _scenes(40, seed=2, figure=False):
+        reading = measure.read_picture(scenes.render(scenes.with_style(scene, "inverted")), palette)
+        assert (reading.colour, reading.background) == (scene.colour, scene.background)
+
+
+def test_maps_follow_the_scene():
+    for scene in _scenes(20, seed=3):
+        mask = scenes.shape_mask(scene)
+        # The canny map is the picture's own outline: a perfect score against itself (where
+        # the two colours differ enough in grey for canny's default thresholds to see)...
+        edges = scenes.canny_map(scene)
+        if np.asarray(edges).any():
+            assert measure.edge_f1(scenes.render(scene), edges) == 1.0
+        # ...and the depth map is nearest (brightest) on the shape.
+        depth = np.asarray(scenes.depth_map(scene))[:, :, 0]
+        assert depth[mask].mean() > depth[~mask].max()
+    for scene in _scenes(10, seed=4, figure=True):
+        skeleton = np.asarray(scenes.pose_map(scene)).max(axis=2) > 0
+        assert skeleton.any()
+        # controlnet-aux draws the skeleton over the figure it belongs to.
+        assert measure.centroid_distance(skeleton, scenes.shape_mask(scene)) < 6
+
+
+def test_the_outline_measure_sees_the_outlined_style_only():
+    for scene in _scenes(20, seed=5, figure=False):
+        plain = measure.outline_strength(scenes.render(scene), scene)
+        outlined = measure.outline_strength(
+            scenes.render(scenes.with_style(scene, "outlined")), scene
+        )
+        assert plain < 0.1 < 0.9 < outlined
+
+
+def test_training_is_deterministic_from_its_seed():
+    plan = train.Plan(vae_steps=2, vae_batch=4, scenes=16)
+    torch.manual_seed(0)
+    first = train.train_vae(plan, seed=9, log=lambda message: None).state_dict()
+    torch.manual_seed(1)  # the stage seeds itself: the global state does not matter
+    second = train.train_vae(plan, seed=9, log=lambda message: None).state_dict()
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[key], second[key]) for key in first)

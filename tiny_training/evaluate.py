@@ -1,0 +1,157 @@
+"""Measure the trained tiny family's adherence: prompts, guidance, controls and LoRA styles.
+
+    python -m tiny_training.evaluate [--samples 48] [--folder models/stencil-tiny]
+
+Generates with plain diffusers pipelines loaded from the folder (the app's defaults: Euler a,
+20 steps, guidance 7), on seeded random scenes, and prints one line per measure: with and
+without the thing measured. tests/test_adherence.py checks the same measures through the
+app's engine, with thresholds chosen from these distributions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import measure, scenes
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 20
+GUIDANCE = 7.0
+
+
+def load(folder: Path):
+    import torch
+    from diffusers import (
+        ControlNetModel,
+        EulerAncestralDiscreteScheduler,
+        StableDiffusionControlNetPipeline,
+        StableDiffusionPipeline,
+    )
+
+    torch.set_num_threads(2)
+    base = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    base.scheduler = EulerAncestralDiscreteScheduler.from_config(base.scheduler.config)
+    base.set_progress_bar_config(disable=True)
+    controlled = {}
+    for kind in ("canny", "depth", "pose"):
+        controlnet = ControlNetModel.from_pretrained(folder / f"controlnet-{kind}")
+        pipe = StableDiffusionControlNetPipeline.from_pipe(base, controlnet=controlnet)
+        pipe.set_progress_bar_config(disable=True)
+        controlled[kind] = pipe
+    return base, controlled
+
+
+def generate(pipe, prompt: str, seed: int, *, guidance=GUIDANCE, image=None, steps=STEPS):
+    import torch
+
+    extra = {"image": image} if image is not None else {}
+    return pipe(
+        prompt,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=scenes.SIDE,
+        width=scenes.SIDE,
+        generator=torch.Generator().manual_seed(seed),
+        **extra,
+    ).images[0]
+
+
+def test_scenes(count: int, seed: int = 7, *, figure: bool | None = None) -> list[scenes.Scene]:
+    rng = np.random.default_rng(seed)
+    return [scenes.random_scene(rng, figure=figure) for _ in range(count)]
+
+
+def prompt_accuracy(pipe, made: list[scenes.Scene], *, guidance=GUIDANCE, empty=False) -> dict:
+    return measure.prompt_accuracy(
+        (generate(pipe, "" if empty else scene.caption, i, guidance=guidance), scene)
+        for i, scene in enumerate(made)
+    )
+
+
+def control_adherence(base, pipe, kind: str, made: list[scenes.Scene]) -> dict:
+    rows = {"with": [], "without": []}
+    for i, scene in enumerate(made):
+        control = scenes.control_map(scene, kind)
+        target = scenes.shape_mask(scene)
+        for label, image in (
+            ("with", generate(pipe, scene.caption, i, image=control)),
+            ("without", generate(base, scene.caption, i)),
+        ):
+            mask = measure.read_picture(image).mask
+            rows[label].append(
+                (
+                    measure.edge_f1(image, scenes.canny_map(scene)),
+                    measure.mask_iou(mask, target),
+                    measure.centroid_distance(mask, target),
+                )
+            )
+    return {
+        label: {
+            "edge_f1": float(np.mean([r[0] for r in values])),
+            "mask_iou": float(np.mean([r[1] for r in values])),
+            "centroid_px": float(np.median([r[2] for r in values])),
+        }
+        for label, values in rows.items()
+    }
+
+
+def lora_effects(base, canny_pipe, made: list[scenes.Scene], lora_folder: Path) -> dict:
+    results = {}
+    for style in ("inverted", "outlined"):
+        base.load_lora_weights(str(lora_folder / f"tiny-{style}.safetensors"), adapter_name=style)
+        scores = {}
+        for weight in (0.0, 1.0):
+            base.set_adapters([style], adapter_weights=[weight])
+            values = []
+            for i, scene in enumerate(made):
+                if style == "inverted":
+                    image = generate(base, scene.caption, i)
+                    reading = measure.read_picture(image, measure.inverted_palette())
+                    values.append(
+                        reading.colour == scene.colour and reading.background == scene.background
+                    )
+                else:
+                    image = generate(canny_pipe, scene.caption, i, image=scenes.canny_map(scene))
+                    values.append(measure.outline_strength(image, scene))
+            scores[weight] = float(np.mean(values))
+        base.delete_adapters(style)
+        results[style] = scores
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--folder", type=Path, default=ROOT / "models" / "stencil-tiny")
+    parser.add_argument("--loras", type=Path, default=ROOT / "loras")
+    parser.add_argument("--samples", type=int, default=48)
+    parser.add_argument("--only", default="prompt,guidance,canny,depth,pose,loras")
+    args = parser.parse_args(argv)
+    base, controlled = load(args.folder)
+    only = args.only.split(",")
+    n = args.samples
+    report = {}
+    if "prompt" in only:
+        report["prompt"] = prompt_accuracy(base, test_scenes(n, figure=False))
+        report["empty prompt"] = prompt_accuracy(base, test_scenes(n, figure=False), empty=True)
+        print(json.dumps({k: report[k] for k in ("prompt", "empty prompt")}), flush=True)
+    if "guidance" in only:
+        report["guidance 1"] = prompt_accuracy(base, test_scenes(n, figure=False), guidance=1.0)
+        print(json.dumps({"guidance 1": report["guidance 1"]}), flush=True)
+    for kind in ("canny", "depth", "pose"):
+        if kind in only:
+            made = test_scenes(n, figure=True if kind == "pose" else None)
+            report[kind] = control_adherence(base, controlled[kind], kind, made)
+            print(json.dumps({kind: report[kind]}), flush=True)
+    if "loras" in only:
+        report["loras"] = lora_effects(
+            base, controlled["canny"], test_scenes(n, figure=False), args.loras
+        )
+        print(json.dumps({"loras": report["loras"]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
