@@ -420,6 +420,7 @@ class ControlUnitView:
                 component = component_for(item, visible=False)
                 self.components[item.key] = component
                 self.params_of.setdefault(item.control, []).append(component)
+        self.map_type = self.components[f"image_{_map_type_param()}{s}"]  # image as the map
         with gr.Accordion("Unit settings", open=False):
             for item in by_group.get("unit-settings", []):
                 self.components[item.key] = component_for(item)
@@ -746,6 +747,12 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
     return demo
 
 
+def _map_type_param() -> str:
+    from pipelines.controls import MAP_TYPE
+
+    return MAP_TYPE.name
+
+
 def _control_specs():
     from pipelines.controls import CONTROLS
 
@@ -1044,11 +1051,11 @@ def map_for_unit(maps, index, recipe):
     path = _gallery_path(maps, index)
     if path is None:
         return gr.skip(), gr.skip(), gr.skip()
+    from pipelines.controls import MAP_TYPE, map_type_of
+
     units = (recipe or {}).get("controls") or []
     unit = units[index] if isinstance(index, int) and index < len(units) else {}
-    map_type = unit.get("control_type", "canny")
-    if map_type == "image":
-        map_type = (unit.get("params") or {}).get("map_type", "canny")
+    map_type = map_type_of(unit.get("control_type", MAP_TYPE.default), unit.get("params"))
     return path, "image", map_type
 
 
@@ -1074,14 +1081,13 @@ def _wire_send_to_units(units, gallery, maps, recipe, picked_result, picked_map,
     gallery.change(lambda: 0, None, picked_result, **private)
     maps.change(lambda: 0, None, picked_map, **private)
     for unit in units:
-        map_type = unit.components[f"image_map_type{suffix(unit.position)}"]
         to_result[unit.position].click(
             result_for_unit, [gallery, picked_result], unit.image, **private
         )
         to_map[unit.position].click(
             map_for_unit,
             [maps, picked_map, recipe],
-            [unit.image, unit.control_type, map_type],
+            [unit.image, unit.control_type, unit.map_type],
             **private,
         )
 
@@ -1093,8 +1099,7 @@ def _examples(prompt, unit: ControlUnitView, family: str):
         for text, image, control, map_type in rows
         if (EXAMPLES_DIR / image).is_file()
     ]
-    map_type = unit.components[f"image_map_type{suffix(unit.position)}"]
     if present:
         gr.Examples(
-            present, [prompt, unit.image, unit.control_type, map_type], cache_examples=False
+            present, [prompt, unit.image, unit.control_type, unit.map_type], cache_examples=False
         )

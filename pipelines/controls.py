@@ -46,7 +46,7 @@ class ControlSpec:
 
     def controlnet_ref(self, compat_tag: str, params: Mapping[str, Any]) -> str:
         if self.controlnets is None:
-            return get_control_spec(params.get("map_type", MAP_TYPE.default)).controlnet_ref(
+            return get_control_spec(map_type_of(self.name, params)).controlnet_ref(
                 compat_tag, params
             )
         try:
@@ -102,6 +102,14 @@ CONTROLS: dict[str, ControlSpec] = {
         ),
     )
 }
+
+
+def map_type_of(control_type: str, params: Mapping[str, Any] | None) -> str:
+    """Which kind of map a unit steers with: its own type, or for "use my image as the map"
+    the type the user gave that image."""
+    if CONTROLS[control_type].controlnets is not None:
+        return control_type
+    return (params or {}).get("map_type", MAP_TYPE.default)
 
 
 def get_control_spec(name: str) -> ControlSpec:

@@ -22,7 +22,6 @@ from .errors import ModelLoadError
 from .sd_builder import (
     BPE_CORPUS,
     SDFamilySize,
-    build_components,
     build_offline_tokenizer,
 )
 
@@ -110,8 +109,3 @@ def build_tiny_components() -> dict[str, Any]:
         name: getattr(pipe, name)
         for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
     }
-
-
-def build_untrained_tiny_components() -> dict[str, Any]:
-    """The same components with the builder's seeded weights: where training starts."""
-    return build_components(TINY_SIZE)

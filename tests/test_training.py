@@ -13,8 +13,7 @@ from tiny_training import measure, scenes, train
 
 
 def _scenes(count, seed=0, figure=None):
-    rng = np.random.default_rng(seed)
-    return [scenes.random_scene(rng, figure=figure) for _ in range(count)]
+    return scenes.random_scenes(count, seed, figure=figure)
 
 
 def test_the_reader_names_the_colours_and_shape_of_drawn_scenes():

@@ -19,6 +19,7 @@ import numpy as np
 from . import measure, scenes
 
 ROOT = Path(__file__).resolve().parents[1]
+SCENE_SEED = 7
 STEPS = 20
 GUIDANCE = 7.0
 
@@ -58,11 +59,6 @@ def generate(pipe, prompt: str, seed: int, *, guidance=GUIDANCE, image=None, ste
         generator=torch.Generator().manual_seed(seed),
         **extra,
     ).images[0]
-
-
-def test_scenes(count: int, seed: int = 7, *, figure: bool | None = None) -> list[scenes.Scene]:
-    rng = np.random.default_rng(seed)
-    return [scenes.random_scene(rng, figure=figure) for _ in range(count)]
 
 
 def prompt_accuracy(pipe, made: list[scenes.Scene], *, guidance=GUIDANCE, empty=False) -> dict:
@@ -135,20 +131,24 @@ def main(argv: list[str] | None = None) -> None:
     n = args.samples
     report = {}
     if "prompt" in only:
-        report["prompt"] = prompt_accuracy(base, test_scenes(n, figure=False))
-        report["empty prompt"] = prompt_accuracy(base, test_scenes(n, figure=False), empty=True)
+        report["prompt"] = prompt_accuracy(base, scenes.random_scenes(n, SCENE_SEED, figure=False))
+        report["empty prompt"] = prompt_accuracy(
+            base, scenes.random_scenes(n, SCENE_SEED, figure=False), empty=True
+        )
         print(json.dumps({k: report[k] for k in ("prompt", "empty prompt")}), flush=True)
     if "guidance" in only:
-        report["guidance 1"] = prompt_accuracy(base, test_scenes(n, figure=False), guidance=1.0)
+        report["guidance 1"] = prompt_accuracy(
+            base, scenes.random_scenes(n, SCENE_SEED, figure=False), guidance=1.0
+        )
         print(json.dumps({"guidance 1": report["guidance 1"]}), flush=True)
     for kind in ("canny", "depth", "pose"):
         if kind in only:
-            made = test_scenes(n, figure=True if kind == "pose" else None)
+            made = scenes.random_scenes(n, SCENE_SEED, figure=True if kind == "pose" else None)
             report[kind] = control_adherence(base, controlled[kind], kind, made)
             print(json.dumps({kind: report[kind]}), flush=True)
     if "loras" in only:
         report["loras"] = lora_effects(
-            base, controlled["canny"], test_scenes(n, figure=False), args.loras
+            base, controlled["canny"], scenes.random_scenes(n, SCENE_SEED, figure=False), args.loras
         )
         print(json.dumps({"loras": report["loras"]}), flush=True)
 

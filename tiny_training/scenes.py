@@ -73,6 +73,12 @@ def random_scene(rng: np.random.Generator, *, figure: bool | None = None) -> Sce
     return Scene(str(rng.choice(SHAPES)), str(colour), str(background), centre, size, _depth(rng))
 
 
+def random_scenes(count: int, seed: int, *, figure: bool | None = None) -> list[Scene]:
+    """`count` scenes from one seed (figures only, none, or a quarter at random)."""
+    rng = np.random.default_rng(seed)
+    return [random_scene(rng, figure=figure) for _ in range(count)]
+
+
 def _depth(rng: np.random.Generator) -> float:
     return float(rng.uniform(0.55, 1.0))
 

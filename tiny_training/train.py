@@ -90,8 +90,7 @@ class SceneSet:
 
     @classmethod
     def make(cls, count: int, seed: int) -> SceneSet:
-        rng = np.random.default_rng(seed)
-        made = [scenes.random_scene(rng) for _ in range(count)]
+        made = scenes.random_scenes(count, seed)
         figures = np.array([i for i, s in enumerate(made) if s.shape == scenes.FIGURE])
         return cls(made, figures)
 
@@ -166,9 +165,7 @@ def train_base(plan: Plan, seed: int, vae, log) -> dict:
     log(f"base: {len(data.scenes)} scenes, {len(data.figures)} figures; encoding")
     latents, maps = _encode_scenes(data, vae)
     captions = sorted({s.caption for s in data.scenes} | {""})
-    ids = tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
-    ).input_ids
+    ids = _token_ids(tokenizer, captions)
     caption_index = {caption: i for i, caption in enumerate(captions)}
     scene_caption = torch.tensor([caption_index[s.caption] for s in data.scenes])
     empty = caption_index[""]
@@ -190,12 +187,7 @@ def train_base(plan: Plan, seed: int, vae, log) -> dict:
         mode = str(rng.choice(modes, p=mode_odds))
         pool = data.figures if mode == "pose" else np.arange(len(data.scenes))
         picked = torch.from_numpy(rng.choice(pool, plan.batch))
-        z0 = latents[picked]
-        noise = torch.randn(z0.shape, generator=generator)
-        t = torch.randint(
-            0, noise_schedule.config.num_train_timesteps, (plan.batch,), generator=generator
-        )
-        zt = noise_schedule.add_noise(z0, noise, t)
+        zt, noise, t = _noised(noise_schedule, latents[picked], generator)
         chosen = scene_caption[picked].clone()
         chosen[torch.from_numpy(rng.random(plan.batch) < CAPTION_DROPOUT)] = empty
         text = text_encoder(ids[chosen])[0]
@@ -242,31 +234,51 @@ class WeightAverage:
             p.copy_(average)
 
 
-def _encode_scenes(data: SceneSet, vae) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    latents, canny, depth = [], [], []
-    pose = torch.zeros(len(data.scenes), scenes.SIDE, scenes.SIDE, 3, dtype=torch.uint8)
+def _latents(vae, images) -> torch.Tensor:
+    """Scaled latent means of PIL images, 256 at a time (what the UNet learns to denoise)."""
+    images = list(images)
     with torch.no_grad():
-        for start in range(0, len(data.scenes), 256):
-            chunk = data.scenes[start : start + 256]
-            x = to_tensor(scenes.render(s) for s in chunk) * 2 - 1
-            latents.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
-            canny.append(np.stack([np.asarray(scenes.canny_map(s)) for s in chunk]))
-            depth.append(np.stack([np.asarray(scenes.depth_map(s)) for s in chunk]))
+        return torch.cat(
+            [
+                vae.encode(to_tensor(images[i : i + 256]) * 2 - 1).latent_dist.mean
+                * vae.config.scaling_factor
+                for i in range(0, len(images), 256)
+            ]
+        )
+
+
+def _token_ids(tokenizer, captions) -> torch.Tensor:
+    return tokenizer(
+        list(captions),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids
+
+
+def _noised(noise_schedule, z0: torch.Tensor, generator):
+    """`z0` noised at uniformly drawn timesteps: (noisy latents, the noise, the timesteps)."""
+    noise = torch.randn(z0.shape, generator=generator)
+    t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(z0),), generator=generator)
+    return noise_schedule.add_noise(z0, noise, t), noise, t
+
+
+def _encode_scenes(data: SceneSet, vae) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    pose = torch.zeros(len(data.scenes), scenes.SIDE, scenes.SIDE, 3, dtype=torch.uint8)
     for i in data.figures:
         pose[i] = torch.from_numpy(np.array(scenes.pose_map(data.scenes[i])))
     maps = {
-        "canny": torch.from_numpy(np.concatenate(canny)),
-        "depth": torch.from_numpy(np.concatenate(depth)),
+        "canny": torch.from_numpy(np.stack([np.asarray(scenes.canny_map(s)) for s in data.scenes])),
+        "depth": torch.from_numpy(np.stack([np.asarray(scenes.depth_map(s)) for s in data.scenes])),
         "pose": pose,
     }
-    return torch.cat(latents), maps
+    return _latents(vae, (scenes.render(s) for s in data.scenes)), maps
 
 
 def train_lora(style: str, plan: Plan, seed: int, pipe_parts: dict, log) -> dict:
     """One style LoRA on the frozen UNet; returns its diffusers-layout state dict."""
     from diffusers import DDPMScheduler
     from peft import LoraConfig, get_peft_model_state_dict
-    from peft.utils import set_peft_model_state_dict  # noqa: F401 (peft's own layout)
 
     unet, text_encoder, tokenizer, vae = (
         pipe_parts["unet"],
@@ -290,31 +302,12 @@ def train_lora(style: str, plan: Plan, seed: int, pipe_parts: dict, log) -> dict
     unet.set_adapter(adapter)
     noise_schedule = DDPMScheduler.from_config(pipe_parts["scheduler"].config)
     data = SceneSet.make(plan.scenes // 4, seed + 1)
+    latents = _latents(vae, (scenes.render(scenes.with_style(s, style)) for s in data.scenes))
+    captions = [s.caption for s in data.scenes]
     with torch.no_grad():
-        latents = torch.cat(
-            [
-                vae.encode(
-                    to_tensor(
-                        scenes.render(scenes.with_style(s, style)) for s in data.scenes[i : i + 256]
-                    )
-                    * 2
-                    - 1
-                ).latent_dist.mean
-                * vae.config.scaling_factor
-                for i in range(0, len(data.scenes), 256)
-            ]
-        )
-        captions = [s.caption for s in data.scenes]
         text = torch.cat(
             [
-                text_encoder(
-                    tokenizer(
-                        captions[i : i + 256],
-                        padding="max_length",
-                        max_length=tokenizer.model_max_length,
-                        return_tensors="pt",
-                    ).input_ids
-                )[0]
+                text_encoder(_token_ids(tokenizer, captions[i : i + 256]))[0]
                 for i in range(0, len(captions), 256)
             ]
         )
@@ -326,14 +319,8 @@ def train_lora(style: str, plan: Plan, seed: int, pipe_parts: dict, log) -> dict
     unet.train()
     for step in range(plan.lora_steps):
         picked = torch.from_numpy(rng.integers(0, len(data.scenes), plan.batch))
-        z0 = latents[picked]
-        noise = torch.randn(z0.shape, generator=generator)
-        t = torch.randint(
-            0, noise_schedule.config.num_train_timesteps, (plan.batch,), generator=generator
-        )
-        prediction = unet(
-            noise_schedule.add_noise(z0, noise, t), t, encoder_hidden_states=text[picked]
-        ).sample
+        zt, noise, t = _noised(noise_schedule, latents[picked], generator)
+        prediction = unet(zt, t, encoder_hidden_states=text[picked]).sample
         loss = _optimise(F.mse_loss(prediction, noise), optimizer, schedule)
         if step % 200 == 0 or step == plan.lora_steps - 1:
             log(f"lora {style} {step:5d}/{plan.lora_steps} loss {loss:.4f}")
@@ -432,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
     def log(message: str) -> None:
         print(f"[{time.monotonic() - started:7.1f}s] {message}", flush=True)
 
-    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     if "vae" in stages:
@@ -456,7 +443,6 @@ def main(argv: list[str] | None = None) -> None:
             state = train_lora(style, plan, args.seed + 1000 * (offset + 1), parts, log)
             save_lora(state, args.lora_out / f"tiny-{style}.safetensors")
             log(f"saved tiny-{style}")
-    _ = ControlNetModel  # loaded by the engine from controlnet-<type>/
     log("done")
 
 
