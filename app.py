@@ -100,8 +100,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def zero_gpu_slot():
+    """On a ZeroGPU Space, the GPU is lent per call of a `spaces.GPU` function: the engine
+    asks for one slot per batch (and per detector map), sized for it. Elsewhere, None.
+
+    `spaces` is imported before torch, as ZeroGPU requires."""
+    try:
+        import spaces
+        from spaces.config import Config
+    except ImportError:
+        return None
+    if not Config.zero_gpu:
+        return None
+    return lambda run, seconds: spaces.GPU(duration=seconds)(run)
+
+
 def build_app(args: argparse.Namespace):
     """Engine, service and page, wired together; nothing is launched here."""
+    gpu_slot = zero_gpu_slot()
     from pipelines.engine import Engine
     from pipelines.scheduler import QueueRules
     from pipelines.service import StencilService
@@ -119,6 +135,7 @@ def build_app(args: argparse.Namespace):
             batch_size=args.batch_size,
             max_overtakes=args.max_overtakes,
         ),
+        gpu_slot=gpu_slot,
     )
     service = StencilService(engine)
     return create_demo(service, queue_size=args.queue_size)

@@ -71,18 +71,6 @@ PRESETS_AT_512 = ((512, 512), (512, 768), (768, 512), (640, 448), (448, 640))
 PRESETS_AT_1024 = ((1024, 1024), (832, 1216), (1216, 832), (1152, 896), (896, 1152))
 AUTO_PRESET = "0x0"
 
-try:  # On a ZeroGPU Space, work that needs the GPU runs inside @spaces.GPU.
-    import spaces
-except ImportError:
-    spaces = None
-
-
-def on_gpu(function, estimate):
-    """`function` under `spaces.GPU` with a per-call duration estimate, or unchanged."""
-    if spaces is None:
-        return function
-    return spaces.GPU(duration=estimate)(function)
-
 
 class UploadedImage(gr.Image):
     """An image upload that Gradio stores but does not decode.
@@ -520,9 +508,6 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
         finally:
             run.close()  # a Stop closes us; the run's own cleanup must follow at once
 
-    def estimate(request: gr.Request = None, progress=None, **values) -> int:
-        return service.estimate_gpu_seconds(values)
-
     def preview_for(position: int):
         """Unit `position`'s preview (its fields under the first unit's names): the map,
         and a warning that stays in view when the map came out empty."""
@@ -690,7 +675,7 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
         # request must reach it, with its place in line shown as progress.
         model_queue = {"concurrency_id": MODEL_QUEUE, "concurrency_limit": queue_size + 1}
         generating = run.click(
-            on_gpu(generate_on_page, estimate),
+            generate_on_page,
             inputs_kwargs=inputs,
             outputs=[*results, run_error],
             api_visibility="private",
@@ -698,7 +683,7 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
         )
         # The API's /generate: the same run, its errors raised to the caller.
         gr.Button(visible=False).click(
-            on_gpu(generate, estimate),
+            generate,
             inputs_kwargs=inputs,
             outputs=results,
             api_name="generate",

@@ -207,21 +207,14 @@ def engine_call(engine, pipe, request, maps, *, latents: bool = False):
 
     `latents=True` stops before the VAE decode, so a timing covers only the denoising loop.
     """
-    from pipelines.engine import CancelToken
+    import torch
+
+    from pipelines.engine import _Work
 
     runnable = _LatentOutput(pipe) if latents else pipe
-    seeds = (request.seed,)
-    return engine._run(
-        runnable,
-        request,
-        request.prompt,
-        seeds,
-        request.width,
-        request.height,
-        maps,
-        None,
-        CancelToken(),
-    )
+    work = _Work(request, request.prompt, (), (request.seed,), request.width, request.height, maps)
+    outputs = engine._run(runnable, [work], [(work, 0)], None)
+    return torch.stack(outputs) if latents else outputs
 
 
 class _LatentOutput:

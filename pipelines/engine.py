@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,14 @@ def pick_device_and_dtype(family: ModelFamily, device: str | None, dtype: str | 
     return device, getattr(torch, dtype)
 
 
+# (run, seconds) -> run under a GPU slot of about seconds(works); see Engine.__init__.
+GpuSlot = Callable[[Callable, Callable], Callable]
+
+
+def map_gpu_seconds(*_) -> int:
+    return 20  # a detector at 512-1024 px takes well under a second on a GPU
+
+
 class Engine:
     def __init__(
         self,
@@ -114,13 +123,21 @@ class Engine:
         map_cache_size: int = 64,
         map_cache_bytes: int | None = None,
         queue_rules: QueueRules | None = None,
+        gpu_slot: GpuSlot | None = None,
     ):
+        """`gpu_slot(run, seconds)`, where the GPU is lent per call (a ZeroGPU Space:
+        `spaces.GPU(duration=seconds)(run)`), wraps each batch's model work: one slot per
+        batch, for as long as `seconds(works)` estimates. Its arguments and result are
+        plain values, since such a slot may run `run` in another process."""
         self.family = family
         self.cache_root = Path(cache_root) if cache_root else cache_dir()
         self.device, self.dtype = pick_device_and_dtype(family, device, dtype)
         self.notice = notice
         self._lock = threading.RLock()
         self.scheduler = FairScheduler(self._run_batch, queue_rules)
+        self._run_on_gpu = gpu_slot(self._run_works, self.gpu_seconds) if gpu_slot else None
+        self._map_on_gpu = gpu_slot(self._make_map, map_gpu_seconds) if gpu_slot else None
+        self._watch: _PassWatch | None = None
         self._counting_lock = threading.Lock()
         self._preprocess_lock = threading.Lock()
         # Ready pipeline views by ControlNet set (at most one per set of control types).
@@ -280,7 +297,6 @@ class Engine:
 
     def control_map(self, unit) -> Any:
         """Run only the unit's preprocessor (cached by image hash, type and settings)."""
-        from . import controls
         from .images import image_sha256, to_rgb
 
         image = to_rgb(unit.image)
@@ -290,12 +306,18 @@ class Engine:
             return cached
         # One map at a time, whoever asks (a preview, or any waiting request): a pose map
         # can take a second and most of a gigabyte, so this bounds the whole server's.
+        make = self._make_map
+        if self._map_on_gpu is not None and self.preprocessor_weights(unit) != "none":
+            make = self._map_on_gpu  # a detector with weights runs on the GPU; canny does not
         with self._preprocess_lock:
-            control_map = controls.make_map(
-                unit.control_type, image, unit.resolution, unit.param_dict, device=self.device
-            )
+            control_map = make(unit.control_type, image, unit.resolution, unit.param_dict)
         self._map_cache.put(key, control_map)
         return control_map
+
+    def _make_map(self, control_type: str, image, resolution: int, params) -> Any:
+        from . import controls
+
+        return controls.make_map(control_type, image, resolution, params, device=self.device)
 
     # ---- generation ------------------------------------------------------------------
 
@@ -427,58 +449,80 @@ class Engine:
     def _run_batch(self, jobs) -> list[tuple[list, list[dict]]]:
         """The scheduler's worker runs this: the jobs share everything but their prompts,
         seeds and control images (one `batch_key`), so one LoRA set and one view serve all."""
-        lead = jobs[0].payload
+        works = [job.payload for job in jobs]
+        if self._run_on_gpu is None:
+            return self._run_works(works, _PassWatch(jobs))
+        # Stop and step progress stay here: a slot may run the pass in another process,
+        # where this process's tokens and callbacks cannot follow.
+        self._watch = _PassWatch(jobs)
+        try:
+            return self._run_on_gpu(works)
+        finally:
+            self._watch = None
+
+    def _run_works(self, works, watch: _PassWatch | None = None) -> list[tuple[list, list]]:
+        """Each work's images and the LoRAs applied, from plain values (see `gpu_slot`)."""
+        watch = watch or self._watch
+        if watch is not None and not watch.here():
+            watch = None
+        lead = works[0]
         with self._lock:
             applied_loras = self._activate_loras(lead.loras, lead.request.session_id)
             pipe = self._compose(lead.request, lead.maps)
-            samples = [(job, index) for job in jobs for index in range(job.samples)]
-            images = self._run(pipe, jobs, samples)
-        per_job: dict[int, list] = {job.number: [] for job in jobs}
-        for (job, _), image in zip(samples, images, strict=True):
-            per_job[job.number].append(image)
-        return [(per_job[job.number], applied_loras) for job in jobs]
+            samples = [(work, index) for work in works for index in range(len(work.seeds))]
+            images = iter(self._run(pipe, works, samples, watch))
+        return [([next(images) for _ in work.seeds], applied_loras) for work in works]
 
-    def _run(self, pipe, jobs, samples) -> list:
-        """Every forward pass has `batch_size` samples: places no job fills are padded with
+    def gpu_seconds(self, works) -> int:
+        """A generous bound on a batch's GPU time, for a slot that must say it up front:
+        SD 1.5 at 512x512 runs ~20 steps/s on an A100-class GPU, a padded pass costs its
+        whole `batch_size`, and each ControlNet adds about half a UNet pass."""
+        lead = works[0]
+        size = self.scheduler.rules.batch_size
+        samples = sum(len(work.seeds) for work in works)
+        passes = -(-samples // size)
+        pixels = lead.width * lead.height / (512 * 512)
+        work = lead.request.steps * passes * size * pixels * (1 + 0.5 * len(lead.maps))
+        return int(min(300, max(20, 15 + work * 0.1)))
+
+    def _run(self, pipe, works, samples, watch: _PassWatch | None) -> list:
+        """Every forward pass has `batch_size` samples: places no work fills are padded with
         a copy of the pass's first sample, so that what a sample gets (kernels pick their
         reduction order by shape) never depends on who else is in the pass."""
         import torch
 
         size = self.scheduler.rules.batch_size
         chunks = [samples[start : start + size] for start in range(0, len(samples), size)]
-        lead = jobs[0].payload
+        lead = works[0]
         steps = lead.request.steps
         shared = pipeline_arguments(lead.request, lead.maps)  # the same for every member
         images: list = []
         for number, chunk in enumerate(chunks):
             padded = chunk + [chunk[0]] * (size - len(chunk))
-            works = [job.payload for job, _ in padded]
+            members = [work for work, _ in padded]
 
             def on_step_end(pipeline, step: int, timestep, callback_kwargs, number=number):
-                if all(job.stopped for job in jobs):
-                    raise GenerationCancelled(f"stopped after step {step + 1} of {steps}")
-                done = number * steps + step + 1
-                for job in jobs:
-                    job.report(done, steps * len(chunks), "denoising")
+                if watch is not None:
+                    watch.after_step(number * steps + step + 1, steps * len(chunks), steps)
                 return callback_kwargs
 
             options = dict(shared)
             options.update(
-                prompt=[work.prompt for work in works],
-                negative_prompt=[work.request.negative_prompt for work in works],
+                prompt=[work.prompt for work in members],
+                negative_prompt=[work.request.negative_prompt for work in members],
                 width=lead.width,
                 height=lead.height,
                 num_images_per_prompt=1,
                 # One CPU generator per sample: image i is reproducible alone with seed + i.
                 generator=[
-                    torch.Generator(device="cpu").manual_seed(job.payload.seeds[index])
-                    for job, index in padded
+                    torch.Generator(device="cpu").manual_seed(work.seeds[index])
+                    for work, index in padded
                 ],
                 callback_on_step_end=on_step_end,
             )
             if lead.maps:
                 # diffusers' nested form for several ControlNets: one list per sample
-                options["image"] = [list(work.maps) for work in works]
+                options["image"] = [list(work.maps) for work in members]
             with torch.inference_mode(), _clip_skip_reachable(pipe, options.get("clip_skip")):
                 images += pipe(**options).images[: len(chunk)]
         return images
@@ -502,6 +546,26 @@ class Engine:
 
     def preprocessor_weights(self, unit) -> str:
         return self.preprocessor_weights_by_control[unit.control_type]
+
+
+class _PassWatch:
+    """A running pass's Stop and progress, for its jobs: the pass stops early only once
+    every member has stopped, and each member is told each step."""
+
+    def __init__(self, jobs):
+        self.jobs = jobs
+        self.pid = os.getpid()
+
+    def here(self) -> bool:
+        """False in a process forked from this one, whose copies of the jobs hear nothing."""
+        return os.getpid() == self.pid
+
+    def after_step(self, done: int, total: int, steps: int) -> None:
+        if all(job.stopped for job in self.jobs):
+            step = (done - 1) % steps + 1
+            raise GenerationCancelled(f"stopped after step {step} of {steps}")
+        for job in self.jobs:
+            job.report(done, total, "denoising")
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ Engine-side: knows no Gradio (the page's progress is whatever `Job.progress` rep
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import threading
 import time
@@ -78,6 +79,9 @@ class Job:
         self.cancel = cancel
         self.progress = progress
         self.overtaken = 0
+        # The submitter's context (a web request's, say): its batch runs in it, so what
+        # the host reads there (a GPU slot's quota holder) is the leader's.
+        self.context = contextvars.copy_context()
         self._done = threading.Event()
         self._result: Any = None
         self._error: BaseException | None = None
@@ -277,7 +281,7 @@ class FairScheduler:
                 self._running = batch
             started = time.perf_counter()
             try:
-                results = self._run_batch(batch)
+                results = batch[0].context.run(self._run_batch, batch)
             except BaseException as exc:  # every member learns what stopped its batch
                 for job in batch:
                     job._finish(error=exc)

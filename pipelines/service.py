@@ -199,19 +199,6 @@ class StencilService:
 
         return python_snippet(recipe, [Path(path).name for path in map_paths])
 
-    def estimate_gpu_seconds(self, fields: Mapping[str, Any]) -> int:
-        """A generous bound for a Space's GPU slot: SD 1.5 at 512x512 runs ~20 steps/s on
-        an A100-class GPU; each ControlNet adds about half a UNet pass. Never raises: a bad
-        field is reported by the generation itself."""
-        try:
-            parsed = parse_form(self.fields, fields)
-        except Exception:
-            return 60
-        request = parsed.request
-        pixels = (request["width"] or 512) * (request["height"] or 512) / (512 * 512)
-        work = request["steps"] * request["num_images"] * pixels * (1 + 0.5 * len(parsed.units))
-        return int(min(300, max(20, 15 + work * 0.1)))
-
     # ---- parsing helpers
 
     def _control_unit(self, parsed: ParsedUnit):

@@ -160,11 +160,11 @@ def test_a_second_request_waits_while_the_first_holds_the_model(engine, monkeypa
             assert second_queued.wait(timeout=60), "the second request never queued"
         return activate(loras, session_id)
 
-    def leaving(pipe, jobs, samples):  # the last thing it does with the model
+    def leaving(pipe, works, samples, watch):  # the last thing it does with the model
         try:
-            return run(pipe, jobs, samples)
+            return run(pipe, works, samples, watch)
         finally:
-            events.append(("exit", "first" if jobs[0].payload.loras else "second"))
+            events.append(("exit", "first" if works[0].loras else "second"))
 
     def queued(job):
         submit(job)

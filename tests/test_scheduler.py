@@ -8,6 +8,8 @@ worker sees is exactly the queue the test built). Then on the tiny model, with b
 
 from __future__ import annotations
 
+import contextvars
+import pickle
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -301,3 +303,82 @@ def test_a_sessions_own_loras_never_share_a_pass_with_another_session(batching):
         assert key("a", private) != key("b", private)
         assert key("a", private) == key("a", private)
     assert key("a", "tiny-ink") == key("b", "tiny-ink")  # a library LoRA is everyone's
+
+
+# ---- a GPU lent per call (a ZeroGPU Space) ------------------------------------------------
+
+SUBMITTER = contextvars.ContextVar("submitter", default=None)
+
+
+class RecordingSlot:
+    """Plays the host's part of `spaces.GPU(duration=seconds)(run)`: each call is one slot
+    of `seconds(*args)`, taken in the caller's context (where ZeroGPU reads whose quota
+    it is); arguments and result cross by pickle, as they do to ZeroGPU's GPU process."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, str | None]] = []
+
+    def __call__(self, run, seconds):
+        def in_slot(*args):
+            self.calls.append((run.__name__, seconds(*args), SUBMITTER.get()))
+            crossed = pickle.loads(pickle.dumps(args))
+            return pickle.loads(pickle.dumps(run(*crossed)))
+
+        return in_slot
+
+
+@pytest.fixture(scope="module")
+def slot():
+    return RecordingSlot()
+
+
+@pytest.fixture(scope="module")
+def slotted(cache_root, slot):
+    return Engine(
+        FAMILIES["tiny"],
+        cache_root=cache_root,
+        lora_folder=ROOT / "loras",
+        queue_rules=QueueRules(batch_size=4, per_session=8, total=64),
+        gpu_slot=slot,
+    )
+
+
+def test_a_batch_takes_one_gpu_slot_in_its_leaders_name(slotted, slot, batching):
+    mates = [request("a fox", seed=1), request("a boat", seed=2), request("snow", seed=3)]
+    alone = [batching.generate(r).images[0].tobytes() for r in mates]
+
+    def as_user(name: str, made: GenerationRequest):
+        SUBMITTER.set(name)
+        return slotted.generate(made)
+
+    slot.calls.clear()
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        with slotted.scheduler.holding():
+            futures = [pool.submit(as_user, f"user {i}", r) for i, r in enumerate(mates)]
+            wait_until_queued(slotted, 3)
+        results = [future.result() for future in futures]
+    assert [(name, who) for name, _, who in slot.calls] == [("_run_works", "user 0")]
+    # The slot's process got plain values, and its images are the batch's, unchanged.
+    assert [result.images[0].tobytes() for result in results] == alone
+
+
+def test_a_detector_map_takes_a_gpu_slot_and_canny_does_not(slotted, slot):
+    slot.calls.clear()
+    slotted.control_map(ControlUnit("canny", photo(1)))
+    assert slot.calls == []
+    slotted.control_map(ControlUnit("depth", photo(2)))
+    assert [name for name, _, _ in slot.calls] == ["_make_map"]
+
+
+def test_a_slots_length_is_estimated_for_the_whole_batch(slotted):
+    from pipelines.engine import _Work
+
+    def works(count: int, maps=()):
+        made = request(steps=20, width=512, height=512)
+        return [_Work(made, made.prompt, (), (i,), 512, 512, maps) for i in range(count)]
+
+    one, four, five = (slotted.gpu_seconds(works(n)) for n in (1, 4, 5))
+    assert one == four  # a padded pass costs its whole batch size, however full
+    assert five > four  # a second pass
+    assert slotted.gpu_seconds(works(1, maps=(photo(0),))) > one  # a ControlNet's share
+    assert one >= 20 and five <= 300
