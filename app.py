@@ -39,8 +39,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--model",
         default=settings.env_text("STENCIL_MODEL", "auto"),
-        help="model family (sd15, sdxl, tiny), a local diffusers folder, or 'auto' "
+        help="model family (sd15, sdxl, tiny, tiny-xl), a local diffusers folder, a "
+        ".safetensors checkpoint file (A1111 / Civitai layout), or 'auto' "
         "(sd15 when cached or reachable, else the built-in tiny model) [env STENCIL_MODEL]",
+    )
+    parser.add_argument(
+        "--model-config",
+        default=settings.env_text("STENCIL_MODEL_CONFIG", "") or None,
+        help="for a single-file checkpoint as --model: where its configs, tokenizers and "
+        "scheduler come from (a family name such as sd15 or tiny, a diffusers folder or a "
+        "Hub id; default: the SD 1.5 or SDXL base, by the file) [env STENCIL_MODEL_CONFIG]",
+    )
+    parser.add_argument(
+        "--controlnet",
+        choices=("per-control", "union"),
+        default=settings.env_text("STENCIL_CONTROLNET", "per-control"),
+        help="per-control: each control type its own ControlNet; union: every unit on the "
+        "family's one ControlNet Union model (SDXL) [env STENCIL_CONTROLNET]",
     )
     parser.add_argument(
         "--host",
@@ -125,6 +140,7 @@ def build_app(args: argparse.Namespace):
 
     engine = Engine.start(
         args.model,
+        model_config=args.model_config,
         lora_folder=args.loras,
         lora_hotswap_rank=args.lora_hotswap_rank or None,
         allow_hub_loras=args.allow_hub_loras,
@@ -136,6 +152,7 @@ def build_app(args: argparse.Namespace):
             max_overtakes=args.max_overtakes,
         ),
         gpu_slot=gpu_slot,
+        controlnet=args.controlnet,
     )
     service = StencilService(engine)
     return create_demo(service, queue_size=args.queue_size)

@@ -66,7 +66,7 @@ PAGE_JS = """() => {
     button.click();
   }, true);
 }""".replace("PHONE_WIDTH", "768")
-# Size presets at the family's size: (width, height) as multiples of 512, per family size.
+# Size presets at the family's size: SD's at 512, SDXL's aspect buckets at 1024.
 PRESETS_AT_512 = ((512, 512), (512, 768), (768, 512), (640, 448), (448, 640))
 PRESETS_AT_1024 = ((1024, 1024), (832, 1216), (1216, 832), (1152, 896), (896, 1152))
 AUTO_PRESET = "0x0"
@@ -264,25 +264,29 @@ def status_markdown(status: dict[str, Any]) -> str:
     )
     line = (
         f"**Model:** {status['label']} · `{status['base']}` · {status['device']} / "
-        f"{status['dtype']}  \n**Preprocessor weights:** {weights}"
+        f"{status['dtype']}  \n**ControlNets:** {status.get('controlnets', 'one per control')}"
+        f"  \n**Preprocessor weights:** {weights}"
     )
     if status["notice"]:
         line = f"⚠️ **{status['notice']}**\n\n" + line
     return line
 
 
-def family_size(status: dict[str, Any]) -> int:
-    """The loaded family's native side (512 for SD1.5, 1024 for SDXL), from its status."""
+def family_shape(status: dict[str, Any]) -> tuple[int, str]:
+    """The loaded family's native side (512 for SD 1.5, 1024 for SDXL) and architecture."""
     family = FAMILIES.get(status.get("family", ""))
     if family is not None:
-        return family.default_size
-    text = f"{status.get('family', '')} {status.get('label', '')}".lower()
-    return 1024 if "xl" in text else 512
+        return family.default_size, family.architecture
+    architecture = status.get("architecture") or (
+        "sdxl" if "xl" in f"{status.get('family', '')} {status.get('label', '')}".lower() else "sd"
+    )
+    return (1024 if architecture == "sdxl" else 512), architecture
 
 
-def size_presets(default_size: int) -> list[tuple[str, str]]:
-    """The size dropdown's choices: auto, then the family's sizes (label, "WxH")."""
-    if default_size >= 1024:
+def size_presets(default_size: int, architecture: str = "sd") -> list[tuple[str, str]]:
+    """The size dropdown's choices: auto, then the family's sizes (label, "WxH"): SD's,
+    or SDXL's aspect buckets (the shapes it was trained at), scaled to the family's size."""
+    if architecture == "sdxl":
         sizes = [(w * default_size // 1024, h * default_size // 1024) for w, h in PRESETS_AT_1024]
     else:
         sizes = [(w * default_size // 512, h * default_size // 512) for w, h in PRESETS_AT_512]
@@ -605,7 +609,7 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
                     _rows_of_two(advanced[:cut], components)
                     with gr.Row():
                         size_preset = gr.Dropdown(
-                            size_presets(family_size(status)),
+                            size_presets(*family_shape(status)),
                             value=None,
                             label="Size preset",
                             elem_id="size_preset",

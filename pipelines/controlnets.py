@@ -1,4 +1,4 @@
-"""ControlNet composition on the shared model.
+"""ControlNet composition on the shared model (per-control ControlNets, or ControlNet Union).
 
 `WindowedMultiControlNet` runs the request's units and skips any unit whose effective
 scale is zero at this step. diffusers' ControlNet pipelines still run a unit's full
@@ -9,6 +9,7 @@ gives the same image for less work (tests prove the equality).
 from __future__ import annotations
 
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+from diffusers.models.controlnets.multicontrolnet_union import MultiControlNetUnionModel
 
 
 class WindowedMultiControlNet(MultiControlNetModel):
@@ -57,4 +58,58 @@ class WindowedMultiControlNet(MultiControlNetModel):
                 down_total = [prev + cur for prev, cur in zip(down_total, down)]
                 mid_total = mid_total + mid
         # (None, None) tells the UNet "no control at this step", exactly as if absent.
+        return down_total, mid_total
+
+
+class WindowedMultiControlNetUnion(MultiControlNetUnionModel):
+    """The same for ControlNet Union: one entry per unit, each the one shared union model
+    run with its unit's mode, scale and window (one set of weights, however many units).
+
+    One pass per unit rather than one pass for all modes: each unit keeps its own strength
+    and guidance window, which a single union pass (one scale for all) cannot give.
+    """
+
+    def forward(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        controlnet_cond,
+        control_type,
+        control_type_idx,
+        conditioning_scale,
+        class_labels=None,
+        timestep_cond=None,
+        attention_mask=None,
+        added_cond_kwargs=None,
+        cross_attention_kwargs=None,
+        guess_mode: bool = False,
+        return_dict: bool = True,
+    ):
+        down_total, mid_total = None, None
+        units = zip(controlnet_cond, control_type, control_type_idx, conditioning_scale, self.nets)
+        for image, modes, mode_ids, scale, controlnet in units:
+            if scale == 0.0 and not guess_mode:
+                continue
+            down, mid = controlnet(
+                sample=sample,
+                timestep=timestep,
+                encoder_hidden_states=encoder_hidden_states,
+                controlnet_cond=image,
+                control_type=modes,
+                control_type_idx=mode_ids,
+                conditioning_scale=scale,
+                class_labels=class_labels,
+                timestep_cond=timestep_cond,
+                attention_mask=attention_mask,
+                added_cond_kwargs=added_cond_kwargs,
+                cross_attention_kwargs=cross_attention_kwargs,
+                guess_mode=guess_mode,
+                return_dict=False,
+            )
+            if down_total is None:
+                down_total, mid_total = list(down), mid
+            else:
+                down_total = [prev + cur for prev, cur in zip(down_total, down)]
+                mid_total = mid_total + mid
         return down_total, mid_total

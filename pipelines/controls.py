@@ -34,6 +34,9 @@ class ControlSpec:
     # tiny family). None: the ControlNet is chosen by the `map_type` parameter.
     controlnets: Mapping[str, str] | None
     own_params: tuple[ParamSpec, ...] = field(default_factory=tuple)
+    # This type's mode in a ControlNet Union model (xinsir's numbering: 0 openpose, 1 depth,
+    # 2 scribble / soft edge, 3 canny / lineart / MLSD, 4 normal, 5 segmentation).
+    union_mode: int | None = None
 
     @property
     def params(self) -> tuple[ParamSpec, ...]:
@@ -71,7 +74,9 @@ CONTROLS: dict[str, ControlSpec] = {
                 "sd15": "lllyasviel/control_v11p_sd15_openpose",
                 "sdxl": "thibaud/controlnet-openpose-sdxl-1.0",
                 "tiny": "controlnet-pose",
+                "tiny-xl": "controlnet-pose",
             },
+            union_mode=0,
         ),
         ControlSpec(
             name="canny",
@@ -81,7 +86,9 @@ CONTROLS: dict[str, ControlSpec] = {
                 "sd15": "lllyasviel/control_v11p_sd15_canny",
                 "sdxl": "diffusers/controlnet-canny-sdxl-1.0",
                 "tiny": "controlnet-canny",
+                "tiny-xl": "controlnet-canny",
             },
+            union_mode=3,
         ),
         ControlSpec(
             name="depth",
@@ -91,7 +98,9 @@ CONTROLS: dict[str, ControlSpec] = {
                 "sd15": "lllyasviel/control_v11f1p_sd15_depth",
                 "sdxl": "diffusers/controlnet-depth-sdxl-1.0",
                 "tiny": "controlnet-depth",
+                "tiny-xl": "controlnet-depth",
             },
+            union_mode=1,
         ),
         ControlSpec(
             name="image",
@@ -102,6 +111,38 @@ CONTROLS: dict[str, ControlSpec] = {
         ),
     )
 }
+
+
+# One ControlNet for every control type, per family that has one: xinsir's ControlNet Union
+# for SDXL (its ProMax weights are the same architecture), the tiny SDXL family's own.
+# Chosen with `--controlnet union`; per-control ControlNets stay the default.
+UNION_CONTROLNETS: dict[str, str] = {
+    "sdxl": "xinsir/controlnet-union-sdxl-1.0",
+    "tiny-xl": "controlnet-union",
+}
+CONTROLNET_CHOICES = ("per-control", "union")
+
+
+def union_controlnet_ref(compat_tag: str) -> str:
+    try:
+        return UNION_CONTROLNETS[compat_tag]
+    except KeyError:
+        raise InvalidRequestError(
+            "controlnet",
+            "union",
+            f"there is no ControlNet Union model for the {compat_tag} family; families with"
+            " one: " + ", ".join(UNION_CONTROLNETS),
+        ) from None
+
+
+def union_mode(control_type: str, params: Mapping[str, Any] | None) -> int:
+    """The union model's mode for a unit (for "use my image", its map's type's)."""
+    spec = get_control_spec(map_type_of(control_type, params))
+    if spec.union_mode is None:
+        raise InvalidRequestError(
+            "control_type", control_type, "has no mode in the ControlNet Union model"
+        )
+    return spec.union_mode
 
 
 def map_type_of(control_type: str, params: Mapping[str, Any] | None) -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .controlnets import WindowedMultiControlNet
+from .controlnets import WindowedMultiControlNet, WindowedMultiControlNetUnion
 from .controls import empty_map_note
 from .errors import GenerationCancelled, ImageError, InvalidRequestError, ModelLoadError
 from .families import (
@@ -31,6 +31,7 @@ from .families import (
     FAMILIES,
     ModelFamily,
     resolve_family,
+    size_conditioning,
 )
 from .fields import REQUEST_FIELDS, unit_fields
 from .hub import cached_locally, cached_revision, hub_reachable
@@ -71,12 +72,14 @@ class CancelToken:
 class EngineStatus:
     family: str
     label: str
+    architecture: str
     base: str
     device: str
     dtype: str
     offline: bool
     notice: str | None
     preprocessor_weights: dict[str, str]
+    controlnets: str = "one per control"  # or the one ControlNet Union model every unit runs
 
 
 def pick_device_and_dtype(family: ModelFamily, device: str | None, dtype: str | None):
@@ -124,12 +127,23 @@ class Engine:
         map_cache_bytes: int | None = None,
         queue_rules: QueueRules | None = None,
         gpu_slot: GpuSlot | None = None,
+        controlnet: str = "per-control",
     ):
         """`gpu_slot(run, seconds)`, where the GPU is lent per call (a ZeroGPU Space:
         `spaces.GPU(duration=seconds)(run)`), wraps each batch's model work: one slot per
         batch, for as long as `seconds(works)` estimates. Its arguments and result are
-        plain values, since such a slot may run `run` in another process."""
+        plain values, since such a slot may run `run` in another process.
+
+        `controlnet`: "per-control" (each control type its own ControlNet) or "union"
+        (every unit on the family's one ControlNet Union model, each with its mode)."""
+        from . import controls
+
         self.family = family
+        if controlnet not in controls.CONTROLNET_CHOICES:
+            raise InvalidRequestError("controlnet", controlnet, list(controls.CONTROLNET_CHOICES))
+        self.union_ref = (
+            controls.union_controlnet_ref(family.compat_tag) if controlnet == "union" else None
+        )
         self.cache_root = Path(cache_root) if cache_root else cache_dir()
         self.device, self.dtype = pick_device_and_dtype(family, device, dtype)
         self.notice = notice
@@ -142,7 +156,7 @@ class Engine:
         self._preprocess_lock = threading.Lock()
         # Ready pipeline views by ControlNet set (at most one per set of control types).
         self._views: dict[tuple[str, ...], Any] = {}
-        self._counting_tokenizer = None
+        self._counting_tokenizers: list | None = None
         self._controlnets: dict[str, Any] = {}
         self._controlnet_revisions: dict[str, str | None] = {}
         # Bounded by bytes as well as count (STENCIL_MAP_CACHE_MB): one large map can
@@ -163,11 +177,14 @@ class Engine:
     # ---- loading ---------------------------------------------------------------------
 
     @classmethod
-    def start(cls, model: str = AUTO_MODEL, **kwargs: Any) -> Engine:
-        """Load `model` (a family name or a local folder), or with "auto" the default
-        family when it is cached or the Hub answers, else the tiny family with a notice."""
+    def start(
+        cls, model: str = AUTO_MODEL, *, model_config: str | None = None, **kwargs: Any
+    ) -> Engine:
+        """Load `model` (a family name, a local folder or a single-file checkpoint, whose
+        configs come from `model_config`), or with "auto" the default family when it is
+        cached or the Hub answers, else the tiny family with a notice."""
         if model != AUTO_MODEL:
-            family = resolve_family(model)
+            family = resolve_family(model, model_config)
             # A model that draws only some things says so, even when chosen on purpose.
             return cls(family, notice=family.about or None, **kwargs)
         default = FAMILIES[DEFAULT_FAMILY]
@@ -190,7 +207,10 @@ class Engine:
         if ARCHITECTURES[self.family.architecture].get("safety_checker"):
             options.update(safety_checker=None, requires_safety_checker=False)
         try:
-            pipe = pipeline_class.from_pretrained(source, **options)
+            if self.family.checkpoint is not None:
+                pipe = self._load_checkpoint(pipeline_class, source, options)
+            else:
+                pipe = pipeline_class.from_pretrained(source, **options)
         except Exception as exc:  # SafetensorError, OSError, ValueError, KeyError ...
             # The operator's log gets the path and the whole error; the message, one line.
             log.error("could not load %s from %s: %s", self.family.label, source, exc)
@@ -199,6 +219,16 @@ class Engine:
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         return pipe, cached_revision(source, "model_index.json")
+
+    def _load_checkpoint(self, pipeline_class, config: str, options: dict[str, Any]):
+        """One original-layout file through diffusers' own converter; the configs,
+        tokenizers and scheduler from `config` (a folder, or a Hub id from the cache when
+        offline), which the file does not hold."""
+        options = {key: value for key, value in options.items() if key != "use_safetensors"}
+        offline = not Path(config).is_dir() and not hub_reachable(config)
+        return pipeline_class.from_single_file(
+            self.family.checkpoint, config=config, local_files_only=offline, **options
+        )
 
     def _open_lora_library(self, folder, hotswap_rank: int | None, allow_hub_loras: bool):
         if not folder:
@@ -228,6 +258,9 @@ class Engine:
     def controlnet_ref(self, unit) -> str:
         from . import controls
 
+        if self.union_ref is not None:
+            controls.union_mode(unit.control_type, unit.param_dict)  # it has one, or says so
+            return self.union_ref
         return controls.controlnet_ref(unit.control_type, self.family.compat_tag, unit.param_dict)
 
     def controlnet(self, ref: str):
@@ -235,7 +268,8 @@ class Engine:
         with self._lock:
             if ref not in self._controlnets:
                 source = self.family.locate_component(ref, self.cache_root)
-                model_class = _diffusers().ControlNetModel
+                kind = "controlnet_union_model" if ref == self.union_ref else "controlnet_model"
+                model_class = getattr(_diffusers(), ARCHITECTURES[self.family.architecture][kind])
                 try:
                     net = model_class.from_pretrained(
                         source, torch_dtype=self.dtype, use_safetensors=True
@@ -273,18 +307,27 @@ class Engine:
         return EngineStatus(
             family=self.family.name,
             label=self.family.label,
+            architecture=self.family.architecture,
             base=self.family.base_id,
             device=self.device,
             dtype=str(self.dtype).removeprefix("torch."),
             offline=self.notice is not None,
             notice=self.notice,
             preprocessor_weights=dict(self.preprocessor_weights_by_control),
+            controlnets=(
+                f"one ControlNet Union for every control (`{self.union_ref}`)"
+                if self.union_ref is not None
+                else "one per control"
+            ),
         )
 
     @property
     def model_facts(self) -> dict[str, int]:
         """What the loaded model can take, for fields bounded by it (`Field.model_limit`)."""
-        return {"text_encoder_layers": self.base.text_encoder.config.num_hidden_layers}
+        encoders = [getattr(self.base, name, None) for name in ("text_encoder", "text_encoder_2")]
+        # CLIP skip applies to each of SDXL's two encoders: the shallower one bounds it.
+        layers = min(e.config.num_hidden_layers for e in encoders if e is not None)
+        return {"text_encoder_layers": layers}
 
     def check_against_model(self, request: GenerationRequest) -> None:
         """Fields whose bounds depend on the loaded model (CLIP skip and its depth)."""
@@ -411,9 +454,12 @@ class Engine:
         # sets its truncation and padding state first, so sharing the pipeline's would let
         # this count switch off the worker's padding mid-call: the length check has its own.
         with self._counting_lock:
-            if self._counting_tokenizer is None:
-                self._counting_tokenizer = copy.deepcopy(self.base.tokenizer)
-            return _too_long_warnings(self._counting_tokenizer, prompt, negative)
+            if self._counting_tokenizers is None:
+                self._counting_tokenizers = [
+                    (label, copy.deepcopy(tokenizer))
+                    for label, tokenizer in _text_tokenizers(self.base)
+                ]
+            return _too_long_warnings(self._counting_tokenizers, prompt, negative)
 
     # ---- the scheduler's worker ------------------------------------------------------
 
@@ -438,6 +484,12 @@ class Engine:
         with _quiet_diffusers():
             if not refs:
                 pipe = type(self.base).from_pipe(self.base, **shared)
+            elif self.union_ref is not None:
+                # The one union model once per unit: one set of weights, a pass per unit.
+                nets = WindowedMultiControlNetUnion([self.controlnet(self.union_ref)] * len(refs))
+                pipe = self.family.pipeline_class("controlnet_union").from_pipe(
+                    self.base, controlnet=nets, **shared
+                )
             else:
                 nets = [self.controlnet(ref) for ref in refs]
                 pipe = self.family.pipeline_class("controlnet").from_pipe(
@@ -473,6 +525,25 @@ class Engine:
             images = iter(self._run(pipe, works, samples, watch))
         return [([next(images) for _ in work.seeds], applied_loras) for work in works]
 
+    def _negative_prompts(self, members) -> list[str] | None:
+        negatives = [work.request.negative_prompt for work in members]
+        if self._zeroes_empty_negatives and not any(negatives):
+            return None  # as a plain SDXL call without one: zeros (batch_key keeps them apart)
+        return negatives
+
+    @property
+    def _zeroes_empty_negatives(self) -> bool:
+        return self._architecture.get("empty_negative") == "zeros"
+
+    @property
+    def _architecture(self) -> dict[str, str]:
+        return ARCHITECTURES[self.family.architecture]
+
+    def _union_modes(self, request) -> list[int]:
+        from .controls import union_mode
+
+        return [union_mode(unit.control_type, unit.param_dict) for unit in request.controls]
+
     def gpu_seconds(self, works) -> int:
         """A generous bound on a batch's GPU time, for a slot that must say it up front:
         SD 1.5 at 512x512 runs ~20 steps/s on an A100-class GPU, a padded pass costs its
@@ -500,6 +571,7 @@ class Engine:
         for number, chunk in enumerate(chunks):
             padded = chunk + [chunk[0]] * (size - len(chunk))
             members = [work for work, _ in padded]
+            works_maps = [work.maps for work in members]
 
             def on_step_end(pipeline, step: int, timestep, callback_kwargs, number=number):
                 if watch is not None:
@@ -509,7 +581,7 @@ class Engine:
             options = dict(shared)
             options.update(
                 prompt=[work.prompt for work in members],
-                negative_prompt=[work.request.negative_prompt for work in members],
+                negative_prompt=self._negative_prompts(members),
                 width=lead.width,
                 height=lead.height,
                 num_images_per_prompt=1,
@@ -519,9 +591,20 @@ class Engine:
                     for work, index in padded
                 ],
                 callback_on_step_end=on_step_end,
+                **size_conditioning(self.family.architecture, lead.width, lead.height),
             )
-            if lead.maps:
-                # diffusers' nested form for several ControlNets: one list per sample
+            per_unit = [list(unit_maps) for unit_maps in zip(*works_maps)]
+            if lead.maps and self.union_ref is not None:
+                # The union pipeline's form: per unit, its map for each sample, and its mode.
+                del options["image"]
+                options["control_image"] = per_unit
+                options["control_mode"] = self._union_modes(lead.request)
+            elif lead.maps and self._architecture["batched_maps"] == "tensor-per-unit":
+                to_tensor = pipe.control_image_processor.preprocess
+                options["image"] = [
+                    to_tensor(maps, height=lead.height, width=lead.width) for maps in per_unit
+                ]
+            elif lead.maps:
                 options["image"] = [list(work.maps) for work in members]
             with torch.inference_mode(), _clip_skip_reachable(pipe, options.get("clip_skip")):
                 images += pipe(**options).images[: len(chunk)]
@@ -542,6 +625,7 @@ class Engine:
             ],
             preprocessor_weights=[self.preprocessor_weights(unit) for unit in request.controls],
             samples_per_pass=self.scheduler.rules.batch_size,
+            union_modes=self._union_modes(request) if self.union_ref is not None else None,
         )
 
     def preprocessor_weights(self, unit) -> str:
@@ -602,18 +686,36 @@ class _Work:
             self.width,
             self.height,
             tuple(sorted((key, _hashable(value)) for key, value in shared.items())),
+            # Where an empty negative prompt means zeros, it cannot share a pass with text.
+            engine._zeroes_empty_negatives and not self.request.negative_prompt,
         )
 
 
-def _too_long_warnings(tokenizer, prompt: str, negative: str) -> list[str]:
-    limit = tokenizer.model_max_length - 2  # start and end tokens take two places
+def _text_tokenizers(pipe) -> list[tuple[str, Any]]:
+    """Each text encoder's tokenizer, by what a warning calls that encoder."""
+    second = getattr(pipe, "tokenizer_2", None)
+    if second is None:
+        return [("the model", pipe.tokenizer)]
+    return [("the first text encoder", pipe.tokenizer), ("the second text encoder", second)]
+
+
+def _too_long_warnings(tokenizers, prompt: str, negative: str) -> list[str]:
+    """A warning per text longer than the text encoders read, naming what they ignore;
+    per encoder only where SDXL's two would read it differently."""
     warnings = []
     for label, text in (("prompt", prompt), ("negative prompt", negative)):
-        ids = tokenizer(text, truncation=False, add_special_tokens=False).input_ids
-        if len(ids) > limit:
-            dropped = tokenizer.decode(ids[limit:]).strip()
+        readings = {}
+        for encoder, tokenizer in tokenizers:
+            limit = tokenizer.model_max_length - 2  # start and end tokens take two places
+            ids = tokenizer(text, truncation=False, add_special_tokens=False).input_ids
+            if len(ids) > limit:
+                dropped = tokenizer.decode(ids[limit:]).strip()
+                readings[encoder] = (len(ids), limit, dropped)
+        if len(set(readings.values())) == 1 and len(readings) == len(tokenizers):
+            readings = {"the model": next(iter(readings.values()))}
+        for reader, (count, limit, dropped) in readings.items():
             warnings.append(
-                f"The {label} is {len(ids)} tokens; the model reads the first {limit}. "
+                f"The {label} is {count} tokens; {reader} reads the first {limit}. "
                 f"Ignored: “{dropped[:120]}”"
             )
     return warnings

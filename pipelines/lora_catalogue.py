@@ -34,7 +34,12 @@ from .storage import prune_older_than
 
 CATALOGUE_FILE = "catalog.json"
 HUB_LICENCE = "fetched from the Hub by the user: see the repository's licence"
-FAMILY_LABELS = {"sd15": "SD 1.5", "sdxl": "SDXL", "tiny": "the tiny test model"}
+FAMILY_LABELS = {
+    "sd15": "SD 1.5",
+    "sdxl": "SDXL",
+    "tiny": "the tiny test model",
+    "tiny-xl": "the tiny SDXL test model",
+}
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,79}")
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")

@@ -100,7 +100,14 @@ _UNSUPPORTED_KEY_MARKERS = {
 }
 
 # Cross-attention width -> the base it belongs to; used to name the base a LoRA was made for.
-_KNOWN_CONTEXT_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+# Cross-attention widths of known bases, and the article their name takes ("an SDXL").
+_KNOWN_CONTEXT_WIDTHS = {
+    768: "an SD 1.x",
+    1024: "an SD 2.x",
+    2048: "an SDXL",
+    32: "a Stencil tiny (SD-shaped)",
+    80: "a Stencil tiny XL (SDXL-shaped)",
+}
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 # A kohya/LyCORIS file naming layers this model lacks is applied without them when more
 # than this share of its layers exist here and fit (extracted, merged or pruned files name
@@ -157,7 +164,9 @@ class ModelSignature:
     layers: Mapping[str, Mapping[str, LayerShape]]
     cross_attention_dim: int | None
     text_hidden_size: int | None
-    text_encoder_has_text_model: bool
+    # Text encoders that still wrap `text_model` (transformers 5 flattened CLIPTextModel, not
+    # CLIPTextModelWithProjection, SDXL's second): their LoRA keys keep that level.
+    text_encoders_with_text_model: frozenset[str]
     dtype_bytes: int = 4
     unet_config: Any = None
 
@@ -180,7 +189,11 @@ class ModelSignature:
             layers=layers,
             cross_attention_dim=_as_int(unet.config.get("cross_attention_dim")),
             text_hidden_size=_as_int(getattr(text_config, "hidden_size", None)),
-            text_encoder_has_text_model=hasattr(text_encoder, "text_model"),
+            text_encoders_with_text_model=frozenset(
+                name
+                for name in layers
+                if name.startswith("text_encoder") and hasattr(getattr(pipe, name), "text_model")
+            ),
             dtype_bytes=torch.empty((), dtype=dtype).element_size(),
             unet_config=unet.config,
         )
@@ -1044,7 +1057,7 @@ def _to_peft_names(
             return component_dict
         return convert_unet_state_dict_to_peft(component_dict)
     converted = convert_state_dict_to_peft(convert_state_dict_to_diffusers(component_dict))
-    if signature.text_encoder_has_text_model:
+    if component in signature.text_encoders_with_text_model:
         return converted
     # Recent transformers flatten CLIPTextModel; diffusers strips the old prefix likewise.
     return {key.removeprefix("text_model."): value for key, value in converted.items()}
@@ -1142,7 +1155,7 @@ def _guess_base(
         return ""
     width = widths.pop()
     label = _KNOWN_CONTEXT_WIDTHS.get(width) if component == "unet" else None
-    looks = f"it looks like an {label} LoRA, " if label else ""
+    looks = f"it looks like {label} LoRA, " if label else ""
     return f"{looks}{what} width {width} where this model's is {ours}; "
 
 

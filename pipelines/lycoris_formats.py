@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .original_layout import sgm_unet_names
+
 # kohya name prefixes, by the pipeline component they address. Files from before
 # transformers 5 call the CLIP text encoder's layers `text_model.encoder...`.
 _COMPONENT_PREFIXES = {
@@ -127,6 +129,9 @@ def module_names(layers: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[str
                 names[prefix + flat] = (component, module)
                 if component.startswith("text_encoder") and not module.startswith("text_model"):
                     names[prefix + _TEXT_MODEL + flat] = (component, module)
+            if component == "unet":  # kohya's SDXL files use the original SGM block names
+                for original, module in sgm_unet_names(component_layers).items():
+                    names[prefix + original.replace(".", "_")] = (component, module)
     return names
 
 

@@ -150,11 +150,14 @@ def build_recipe(
     controlnets,
     preprocessor_weights,
     samples_per_pass: int = 1,
+    union_modes: Sequence[int] | None = None,
 ) -> Recipe:
     """The recipe of `request` as run. `resolved`: the values the engine chose (seed, width,
     height, the prompt without LoRA tags). `controlnets`: (reference, resolved Hub commit
-    or None) per control unit. Which fields are recorded, and under which key, is declared
+    or None) per control unit; `union_modes`, each unit's mode where they all ran on one
+    ControlNet Union model. Which fields are recorded, and under which key, is declared
     in `pipelines.fields`."""
+    from .families import size_conditioning
     from .fields import REQUEST_FIELDS, unit_fields
 
     settings = {
@@ -174,15 +177,24 @@ def build_recipe(
             request.controls, controlnets, preprocessor_weights
         )
     )
+    if union_modes is not None:
+        controls = tuple(
+            {**control, "union_mode": mode} for control, mode in zip(controls, union_modes)
+        )
     model = {
         "family": family.name,
         "architecture": family.architecture,
-        "base": family.base_id,
+        "base": _public_ref(family.base_id),
         "revision": base_revision,
         # The forward pass's batch shape: kernels round by shape, so a re-run is bit for
         # bit only at the same one (STENCIL_BATCH_SIZE); the companions never matter.
         "samples_per_pass": samples_per_pass,
     }
+    if family.checkpoint is not None:  # its file name only: a path is the machine's
+        model["checkpoint"] = family.checkpoint.replace("\\", "/").rsplit("/", 1)[-1]
+    conditioning = size_conditioning(family.architecture, resolved["width"], resolved["height"])
+    if conditioning:
+        model["size_conditioning"] = {key: list(value) for key, value in conditioning.items()}
     return Recipe(
         settings=settings,
         model=model,
@@ -190,6 +202,13 @@ def build_recipe(
         loras=tuple(loras),
         versions=library_versions(),
     )
+
+
+def _public_ref(ref: str) -> str:
+    """A Hub id as it is; a local folder by its name only (where it lives is the machine's)."""
+    from pathlib import Path
+
+    return Path(ref).name if Path(ref).is_absolute() or Path(ref).exists() else ref
 
 
 def a1111_parameters(recipe: Recipe) -> str:
@@ -316,40 +335,63 @@ def python_snippet(recipe: Recipe, map_files: Sequence[str] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _is_tiny(recipe: Recipe) -> bool:
-    return recipe.model.get("family") == "tiny"
+def _local_builder(recipe: Recipe) -> tuple[str, str] | None:
+    """(module, function) that makes the recipe's built-in model folder, or None."""
+    from .families import FAMILIES
+
+    # A folder or checkpoint family is named "<registry family>:<its name>".
+    family = FAMILIES.get(str(recipe.model.get("family", "")).split(":")[0])
+    if family is None or family.builder is None:
+        return None
+    module, function = family.builder.split(":")
+    return module, function
+
+
+def _runs_union(recipe: Recipe) -> bool:
+    """Whether the recipe's units all ran on one ControlNet Union model."""
+    return bool(recipe.controls) and all("union_mode" in c for c in recipe.controls)
+
+
+def _pipeline_kind(recipe: Recipe) -> str:
+    if not recipe.controls:
+        return "text2img"
+    return "controlnet_union" if _runs_union(recipe) else "controlnet"
 
 
 def _snippet_preamble(recipe: Recipe, classes: Mapping[str, str]) -> list[str]:
-    pipeline_class = classes["controlnet" if recipe.controls else "text2img"]
+    pipeline_class = classes[_pipeline_kind(recipe)]
     imports = sorted({pipeline_class, _scheduler_class(recipe.settings["scheduler"])})
     if recipe.controls:
-        imports.insert(0, classes["controlnet_model"])
+        imports.insert(0, classes[_pipeline_kind(recipe) + "_model"])
     lines = [
         "import torch",
         f"from diffusers import {', '.join(imports)}",
         "from diffusers.utils import load_image",
     ]
-    if _is_tiny(recipe):
-        # The tiny model is not on the Hub: Stencil's own code finds (or makes) its folder.
+    builder = _local_builder(recipe)
+    if builder is not None:
+        # A built-in model is not on the Hub: Stencil's own code finds (or makes) its folder.
+        module, function = builder
         lines += [
             "",
-            "# Stencil's offline tiny model: run this with Stencil's folder on the Python path.",
+            "# Stencil's offline model: run this with Stencil's folder on the Python path.",
             "from pipelines.settings import cache_dir",
-            "from pipelines.tiny import ensure_tiny_family",
+            f"from {module} import {function}",
             "",
-            "tiny = ensure_tiny_family(cache_dir())",
+            f"tiny = {function}(cache_dir())",
         ]
+    # SDXL's VAE overflows in float16; bfloat16 has float32's range (as the engine picks).
+    gpu_dtype = "bfloat16" if recipe.model.get("architecture") == "sdxl" else "float16"
     return lines + [
         "",
         'device = "cuda" if torch.cuda.is_available() else "cpu"',
-        'dtype = torch.float16 if device == "cuda" else torch.float32',
+        f'dtype = torch.{gpu_dtype} if device == "cuda" else torch.float32',
     ]
 
 
 def _model_ref(recipe: Recipe, ref: str) -> str:
     """A base or ControlNet reference as code: a Hub id, or a part of the tiny folder."""
-    if not _is_tiny(recipe):
+    if _local_builder(recipe) is None:
         return repr(ref)
     return "str(tiny)" if ref == recipe.model["base"] else f"str(tiny / {ref!r})"
 
@@ -359,9 +401,19 @@ def _snippet_pipeline(recipe: Recipe, classes: Mapping[str, str]) -> list[str]:
     model, controls = recipe.model, recipe.controls
     revision = _revision_arg(model.get("revision"))
     extra = " safety_checker=None," if classes.get("safety_checker") else ""
-    pipeline_class = classes["controlnet" if controls else "text2img"]
+    pipeline_class = classes[_pipeline_kind(recipe)]
     lines = []
-    if controls:
+    if _runs_union(recipe):
+        union = controls[0]
+        lines.append(
+            f"union = {classes['controlnet_union_model']}.from_pretrained("
+            f"{_model_ref(recipe, union['controlnet'])},"
+            f"{_revision_arg(union.get('controlnet_revision'))} torch_dtype=dtype)"
+        )
+        # One set of weights, once per unit (each with its own mode, scale and window).
+        lines.append(f"controlnets = [union] * {len(controls)}")
+        extra = " controlnet=controlnets," + extra
+    elif controls:
         nets = ", ".join(
             f"{classes['controlnet_model']}.from_pretrained({_model_ref(recipe, c['controlnet'])},"
             f"{_revision_arg(c.get('controlnet_revision'))} torch_dtype=dtype)"
@@ -370,9 +422,16 @@ def _snippet_pipeline(recipe: Recipe, classes: Mapping[str, str]) -> list[str]:
         lines.append(f"controlnets = [{nets}]")
         extra = " controlnet=controlnets," + extra
     scheduler = recipe.settings["scheduler"]
+    if model.get("checkpoint"):
+        # The single file, with its configs and tokenizers from the base it names.
+        loader = "from_single_file"
+        source = f"{model['checkpoint']!r}, config={_model_ref(recipe, model['base'])},"
+    else:
+        loader = "from_pretrained"
+        source = f"{_model_ref(recipe, model['base'])},{revision}"
     return lines + [
-        f"pipe = {pipeline_class}.from_pretrained(",
-        f"    {_model_ref(recipe, model['base'])},{revision}{extra} torch_dtype=dtype,",
+        f"pipe = {pipeline_class}.{loader}(",
+        f"    {source}{extra} torch_dtype=dtype,",
         ").to(device)",
         f"pipe.scheduler = {_scheduler_class(scheduler)}.from_config("
         f"pipe.scheduler.config{_scheduler_overrides(scheduler)})",
@@ -408,15 +467,23 @@ def _snippet_call(recipe: Recipe, map_files: Sequence[str] = ()) -> list[str]:
             call.append(f"    {spec.pipeline_arg}={spec.pipeline_value(settings[spec.recipe])!r},")
     call += [
         f"    width={settings['width']}, height={settings['height']},",
+        *(
+            f"    {key}={tuple(value)!r},"
+            for key, value in recipe.model.get("size_conditioning", {}).items()
+        ),
         f"    generator=torch.Generator('cpu').manual_seed({settings['seed']}),",
     ]
+    image_arg = "control_image" if _runs_union(recipe) else "image"
     if controls and len(map_files) == len(controls):
         maps = ", ".join(f"load_image({name!r})" for name in map_files)
-        call.append(f'    image=[{maps}],  # the page\'s "Control maps used", as downloaded')
+        call.append(f'    {image_arg}=[{maps}],  # the page\'s "Control maps used", as downloaded')
     elif controls:
         call.append(
-            f"    image=[load_image(f'control_map_{{i}}.png') for i in range({len(controls)})],"
+            f"    {image_arg}=[load_image(f'control_map_{{i}}.png')"
+            f" for i in range({len(controls)})],"
         )
+    if _runs_union(recipe):
+        call.append(f"    control_mode={[c['union_mode'] for c in controls]!r},")
     for spec in unit_fields() if controls else ():
         if spec.pipeline_arg:
             values = [spec.pipeline_value(c[spec.recipe]) for c in controls]

@@ -85,6 +85,7 @@ class SDFamilySize:
     vae_norm_groups: int
     vae_sample_size: int
     unet_norm_groups: int = 32
+    vae_scaling_factor: float = 0.18215  # SD 1.5's latent scale (SDXL's is 0.13025)
     # None: the tokenizer's own size. A larger table (SD 1.5's 49408) still reads its ids.
     text_vocab_size: int | None = None
     tokenizer: Callable[[], Any] = build_offline_tokenizer
@@ -201,7 +202,7 @@ def build_vae(size: SDFamilySize):
         latent_channels=LATENT_CHANNELS,
         norm_num_groups=size.vae_norm_groups,
         sample_size=size.vae_sample_size,
-        scaling_factor=0.18215,  # SD 1.5's latent scale
+        scaling_factor=size.vae_scaling_factor,
     )
 
 
@@ -241,15 +242,22 @@ def build_controlnet(unet, size: SDFamilySize, index: int):
     controlnet = ControlNetModel.from_unet(
         unet, conditioning_embedding_out_channels=size.controlnet_embedding_widths
     )
+    randomise_output_convs(controlnet, seed, size.controlnet_output_scale)
+    return controlnet
+
+
+def randomise_output_convs(controlnet, seed: int, scale: float) -> None:
+    """Draw a ControlNet's zero-initialised convolutions (its outputs and the end of its
+    image embedding) at `scale`: zeros would make a fresh ControlNet change nothing."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
     zero_convs.append(controlnet.controlnet_cond_embedding.conv_out)
-    scale = size.controlnet_output_scale
     with torch.no_grad():
         for conv in zero_convs:
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * scale)
             conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator) * scale)
-    return controlnet
 
 
 def sd15_scheduler():

@@ -21,6 +21,10 @@ The set covers what the library must handle:
 
 `tiny-faded` has alpha != rank, so it carries diffusers' `lora_adapter_metadata` (written by
 diffusers' own `save_lora_weights`); without it the file would load at 4x its strength.
+
+For the tiny SDXL family (`pipelines.tiny_xl`), `tiny-xl-sketch-kohya` is an SDXL LoRA as
+kohya-ss writes one: rank 8, alpha 4, float16, UNet attention under the original SGM block
+names (`lora_unet_input_blocks_4_1_...`) and both text encoders (`lora_te1_`, `lora_te2_`).
 """
 
 from __future__ import annotations
@@ -173,11 +177,59 @@ def _save_kohya(path: Path, unet: dict, text: dict, spec: TinyLoraSpec) -> None:
     save_file(tensors, str(path), metadata={"format": "pt", "ss_network_dim": str(spec.rank)})
 
 
+XL_SPEC = TinyLoraSpec(
+    "tiny-xl-sketch-kohya",
+    rank=8,
+    unet_targets=ATTENTION,
+    text_targets=("q_proj", "k_proj", "v_proj", "out_proj"),
+    layout="kohya",
+    alpha=4.0,
+    strength=3.0,
+    half_precision=True,
+)
+
+
+def write_tiny_xl_loras(out: Path) -> list[Path]:
+    """The tiny SDXL family's kohya LoRA (its layer shapes from the family's builder)."""
+    import torch
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from pipelines.original_layout import sgm_unet_names
+    from pipelines.sdxl_builder import build_sdxl_components
+    from pipelines.tiny_xl import TINY_XL_SIZE
+
+    components = build_sdxl_components(TINY_XL_SIZE)
+    spec = XL_SPEC
+    generator = torch.Generator().manual_seed(SEED + 100)
+    unet = _random_pairs(components["unet"], spec.unet_targets, spec, generator, attn_only=True)
+    modules = [name for name, _ in components["unet"].named_modules() if name]
+    sgm = {module: original for original, module in sgm_unet_names(modules).items()}
+    parts = [("lora_unet_", {sgm[name]: pair for name, pair in unet.items()})]
+    for component, prefix in (("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")):
+        pairs = _random_pairs(components[component], spec.text_targets, spec, generator,
+                              attn_only=False)  # fmt: skip
+        named = {name if name.startswith("text_model.") else f"text_model.{name}": pair
+                 for name, pair in pairs.items()}  # fmt: skip
+        parts.append((prefix, named))
+    tensors = {}
+    for prefix, pairs in parts:
+        for name, (down, up) in pairs.items():
+            key = prefix + name.replace(".", "_")
+            tensors[f"{key}.lora_down.weight"] = down
+            tensors[f"{key}.lora_up.weight"] = up
+            tensors[f"{key}.alpha"] = torch.tensor(spec.alpha)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / spec.filename
+    save_file(tensors, str(path), metadata={"format": "pt", "ss_network_dim": str(spec.rank)})
+    return [path]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "loras", help="target folder")
     args = parser.parse_args(argv)
-    for path in write_tiny_loras(args.out):
+    for path in write_tiny_loras(args.out) + write_tiny_xl_loras(args.out):
         print(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB)")
     return 0
 

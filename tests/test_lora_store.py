@@ -205,7 +205,7 @@ SIGNATURE = ModelSignature(
     layers={},
     cross_attention_dim=None,
     text_hidden_size=None,
-    text_encoder_has_text_model=False,
+    text_encoders_with_text_model=frozenset(),
 )
 
 

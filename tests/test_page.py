@@ -20,24 +20,31 @@ def entries() -> list[dict]:
 
 
 def test_the_family_size_comes_from_the_status():
-    assert ui.family_size({"family": "sd15", "label": "Stable Diffusion 1.5"}) == 512
-    assert ui.family_size({"family": "sdxl", "label": "Stable Diffusion XL"}) == 1024
-    assert ui.family_size({"family": "tiny", "label": "x"}) == FAMILIES["tiny"].default_size
-    # A local folder: not in the registry, told apart by its label.
-    assert ui.family_size({"family": "my-folder", "label": "SDXL (local folder)"}) == 1024
-    assert ui.family_size({"family": "my-folder", "label": "SD (local folder)"}) == 512
+    assert ui.family_shape({"family": "sd15", "label": "Stable Diffusion 1.5"}) == (512, "sd")
+    assert ui.family_shape({"family": "sdxl", "label": "Stable Diffusion XL"}) == (1024, "sdxl")
+    tiny_size = FAMILIES["tiny"].default_size
+    assert ui.family_shape({"family": "tiny", "label": "x"}) == (tiny_size, "sd")
+    assert ui.family_shape({"family": "tiny-xl", "label": "x"}) == (64, "sdxl")
+    # A local folder: not in the registry, told apart by its status.
+    folder = {"family": "sdxl:mine", "label": "Stable Diffusion XL (mine)", "architecture": "sdxl"}
+    assert ui.family_shape(folder) == (1024, "sdxl")
+    unsaid = {"family": "my-folder", "label": "SDXL (local folder)"}  # an older status
+    assert ui.family_shape(unsaid) == (1024, "sdxl")
+    assert ui.family_shape({"family": "my-folder", "label": "SD (local folder)"}) == (512, "sd")
 
 
 def test_size_presets_per_family():
     sd15 = [value for _, value in ui.size_presets(512)]
     assert sd15[0] == ui.AUTO_PRESET
     assert {"512x512", "512x768", "768x512", "640x448"} <= set(sd15)
-    sdxl = [value for _, value in ui.size_presets(1024)]
-    assert {"1024x1024", "832x1216", "1216x832"} <= set(sdxl)
+    sdxl = [value for _, value in ui.size_presets(1024, "sdxl")]
+    assert {"1024x1024", "832x1216", "1216x832", "1152x896"} <= set(sdxl)
+    tiny_xl = [value for _, value in ui.size_presets(64, "sdxl")]
+    assert len(set(tiny_xl)) == len(tiny_xl) and "64x64" in tiny_xl
     labels = dict((value, label) for label, value in ui.size_presets(512))
     assert labels["512x768"] == "512 × 768 (portrait)"
-    for size in (64, 512, 1024):
-        for _, value in ui.size_presets(size)[1:]:
+    for size, architecture in ((64, "sd"), (512, "sd"), (64, "sdxl"), (1024, "sdxl")):
+        for _, value in ui.size_presets(size, architecture)[1:]:
             width, height = (int(side) for side in value.split("x"))
             assert width % SIZE_MULTIPLE == 0 and height % SIZE_MULTIPLE == 0
             assert width > 0 and height > 0
