@@ -51,6 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "Hub id; default: the SD 1.5 or SDXL base, by the file) [env STENCIL_MODEL_CONFIG]",
     )
     parser.add_argument(
+        "--vae",
+        default=settings.env_text("STENCIL_VAE", "") or None,
+        help="another VAE (Hub id or folder); with an fp16-safe SDXL VAE such as "
+        "madebyollin/sdxl-vae-fp16-fix, SDXL runs in float16 on CUDA [env STENCIL_VAE]",
+    )
+    parser.add_argument(
         "--controlnet",
         choices=("per-control", "union"),
         default=settings.env_text("STENCIL_CONTROLNET", "per-control"),
@@ -153,6 +159,7 @@ def build_app(args: argparse.Namespace):
         ),
         gpu_slot=gpu_slot,
         controlnet=args.controlnet,
+        vae=args.vae,
     )
     service = StencilService(engine)
     return create_demo(service, queue_size=args.queue_size)

@@ -255,11 +255,12 @@ def run_probe(script: Path, arguments: Sequence[str], *, timeout: float = 900) -
 
 
 def seconds_text(seconds: float) -> str:
+    sign, seconds = ("-" if seconds < 0 else ""), abs(seconds)
     if seconds < 1e-3:
-        return f"{seconds * 1e6:.0f} µs"
+        return f"{sign}{seconds * 1e6:.0f} µs"
     if seconds < 1:
-        return f"{seconds * 1e3:.1f} ms"
-    return f"{seconds:.2f} s"
+        return f"{sign}{seconds * 1e3:.1f} ms"
+    return f"{sign}{seconds:.2f} s"
 
 
 def bytes_text(size: float) -> str:

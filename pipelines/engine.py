@@ -82,9 +82,12 @@ class EngineStatus:
     controlnets: str = "one per control"  # or the one ControlNet Union model every unit runs
 
 
-def pick_device_and_dtype(family: ModelFamily, device: str | None, dtype: str | None):
-    """CUDA: half precision. CPU: float32 for the tiny model (bit-exact tests), bfloat16
-    for real sizes, where it measured about twice as fast as float32 on this CPU."""
+def pick_device_and_dtype(
+    family: ModelFamily, device: str | None, dtype: str | None, *, fp16_safe_vae: bool = False
+):
+    """CUDA: half precision (for SDXL bfloat16, or float16 with a VAE the user says is
+    fp16-safe). CPU: float32 for the tiny models (bit-exact tests), bfloat16 for real
+    sizes, where it measured about twice as fast as float32 on this CPU."""
     import torch
 
     device = (
@@ -94,7 +97,8 @@ def pick_device_and_dtype(family: ModelFamily, device: str | None, dtype: str | 
     if dtype is None:
         if device.startswith("cuda"):
             # SDXL's VAE overflows in float16; bfloat16 has float32's range.
-            dtype = "bfloat16" if family.architecture == "sdxl" else "float16"
+            sdxl_vae = family.architecture == "sdxl" and not fp16_safe_vae
+            dtype = "bfloat16" if sdxl_vae else "float16"
         else:
             dtype = "float32" if family.is_local_build else "bfloat16"
     if dtype not in DTYPES:
@@ -128,6 +132,7 @@ class Engine:
         queue_rules: QueueRules | None = None,
         gpu_slot: GpuSlot | None = None,
         controlnet: str = "per-control",
+        vae: str | None = None,
     ):
         """`gpu_slot(run, seconds)`, where the GPU is lent per call (a ZeroGPU Space:
         `spaces.GPU(duration=seconds)(run)`), wraps each batch's model work: one slot per
@@ -135,7 +140,8 @@ class Engine:
         plain values, since such a slot may run `run` in another process.
 
         `controlnet`: "per-control" (each control type its own ControlNet) or "union"
-        (every unit on the family's one ControlNet Union model, each with its mode)."""
+        (every unit on the family's one ControlNet Union model, each with its mode).
+        `vae`: another VAE (Hub id or folder), such as an fp16-safe SDXL one."""
         from . import controls
 
         self.family = family
@@ -145,7 +151,10 @@ class Engine:
             controls.union_controlnet_ref(family.compat_tag) if controlnet == "union" else None
         )
         self.cache_root = Path(cache_root) if cache_root else cache_dir()
-        self.device, self.dtype = pick_device_and_dtype(family, device, dtype)
+        self.vae_source = vae
+        self.device, self.dtype = pick_device_and_dtype(
+            family, device, dtype, fp16_safe_vae=vae is not None
+        )
         self.notice = notice
         self._lock = threading.RLock()
         self.scheduler = FairScheduler(self._run_batch, queue_rules)
@@ -206,6 +215,8 @@ class Engine:
             options["variant"] = "fp16"
         if ARCHITECTURES[self.family.architecture].get("safety_checker"):
             options.update(safety_checker=None, requires_safety_checker=False)
+        if self.vae_source is not None:
+            options["vae"] = self._load_vae()
         try:
             if self.family.checkpoint is not None:
                 pipe = self._load_checkpoint(pipeline_class, source, options)
@@ -219,6 +230,18 @@ class Engine:
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         return pipe, cached_revision(source, "model_index.json")
+
+    def _load_vae(self):
+        source = self.vae_source
+        try:
+            return _diffusers().AutoencoderKL.from_pretrained(
+                source, torch_dtype=self.dtype, use_safetensors=True
+            )
+        except Exception as exc:
+            log.error("could not load the VAE %s: %s", source, exc)
+            why = describe_component_failure(source, exc)
+            named = Path(source).name
+            raise ModelLoadError(f"the VAE {named!r} could not be loaded: {why}") from exc
 
     def _load_checkpoint(self, pipeline_class, config: str, options: dict[str, Any]):
         """One original-layout file through diffusers' own converter; the configs,
@@ -626,6 +649,7 @@ class Engine:
             preprocessor_weights=[self.preprocessor_weights(unit) for unit in request.controls],
             samples_per_pass=self.scheduler.rules.batch_size,
             union_modes=self._union_modes(request) if self.union_ref is not None else None,
+            vae=self.vae_source,
         )
 
     def preprocessor_weights(self, unit) -> str:

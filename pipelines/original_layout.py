@@ -59,6 +59,10 @@ _OPEN_CLIP_LAYER = {
 
 def original_state_dict(pipe) -> dict[str, Any]:
     """Every weight of an SD or SDXL pipeline under its original single-file name."""
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, component, None)
+        if model is not None and any(".base_layer." in key for key in model.state_dict()):
+            raise ValueError(f"the pipeline's {component} carries LoRA layers; write a fresh one")
     tensors = _prefixed(UNET_PREFIX, unet_to_original(pipe.unet))
     tensors.update(_prefixed(VAE_PREFIX, vae_to_original(pipe.vae)))
     if getattr(pipe, "text_encoder_2", None) is None:

@@ -151,6 +151,7 @@ def build_recipe(
     preprocessor_weights,
     samples_per_pass: int = 1,
     union_modes: Sequence[int] | None = None,
+    vae: str | None = None,
 ) -> Recipe:
     """The recipe of `request` as run. `resolved`: the values the engine chose (seed, width,
     height, the prompt without LoRA tags). `controlnets`: (reference, resolved Hub commit
@@ -190,6 +191,8 @@ def build_recipe(
         # bit only at the same one (STENCIL_BATCH_SIZE); the companions never matter.
         "samples_per_pass": samples_per_pass,
     }
+    if vae is not None:
+        model["vae"] = _public_ref(vae)
     if family.checkpoint is not None:  # its file name only: a path is the machine's
         model["checkpoint"] = family.checkpoint.replace("\\", "/").rsplit("/", 1)[-1]
     conditioning = size_conditioning(family.architecture, resolved["width"], resolved["height"])
@@ -363,6 +366,8 @@ def _snippet_preamble(recipe: Recipe, classes: Mapping[str, str]) -> list[str]:
     imports = sorted({pipeline_class, _scheduler_class(recipe.settings["scheduler"])})
     if recipe.controls:
         imports.insert(0, classes[_pipeline_kind(recipe) + "_model"])
+    if recipe.model.get("vae"):
+        imports.insert(0, "AutoencoderKL")
     lines = [
         "import torch",
         f"from diffusers import {', '.join(imports)}",
@@ -422,6 +427,9 @@ def _snippet_pipeline(recipe: Recipe, classes: Mapping[str, str]) -> list[str]:
         lines.append(f"controlnets = [{nets}]")
         extra = " controlnet=controlnets," + extra
     scheduler = recipe.settings["scheduler"]
+    if model.get("vae"):
+        lines.append(f"vae = AutoencoderKL.from_pretrained({model['vae']!r}, torch_dtype=dtype)")
+        extra = " vae=vae," + extra
     if model.get("checkpoint"):
         # The single file, with its configs and tokenizers from the base it names.
         loader = "from_single_file"

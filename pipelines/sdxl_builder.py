@@ -45,6 +45,8 @@ class SDXLFamilySize:
     text_2_layers: int
     size_embedding_width: int  # `addition_time_embed_dim`, per size number
     transformer_layers: tuple[int, ...]  # per UNet level, as SDXL's (1, 2, 10)
+    text_2_heads: int = 4
+    text_2_intermediate: int = 96
 
     @property
     def cross_attention_width(self) -> int:
@@ -65,7 +67,9 @@ def write_sdxl_family(
 
     torch_dtype = getattr(torch, dtype)
     folder = Path(folder)
-    unet = build_sdxl_unet(size)
+    # In the stored dtype before the ControlNets copy it: at SDXL's size the UNet alone is
+    # 10 GB in float32, and each ControlNet half of that again.
+    unet = build_sdxl_unet(size).to(torch_dtype)
     for index, control_type in enumerate(control_types):
         controlnet = build_sdxl_controlnet(unet, size, index).to(torch_dtype)
         controlnet.save_pretrained(folder / f"controlnet-{control_type}", safe_serialization=True)
@@ -141,9 +145,9 @@ def build_text_encoder_2(size: SDXLFamilySize, tokenizer):
         CLIPTextConfig(
             vocab_size=sd.text_vocab_size or len(tokenizer),
             hidden_size=size.text_2_width,
-            intermediate_size=size.text_2_width * 2,
+            intermediate_size=size.text_2_intermediate,
             num_hidden_layers=size.text_2_layers,
-            num_attention_heads=sd.text_heads,
+            num_attention_heads=size.text_2_heads,
             max_position_embeddings=MAX_PROMPT_TOKENS,
             hidden_act="gelu",
             projection_dim=size.text_2_width,
@@ -191,7 +195,7 @@ def build_union_controlnet(unet, size: SDXLFamilySize):
     config = {
         **config,
         "num_trans_channel": width,
-        "num_trans_head": max(1, width // 16),
+        "num_trans_head": max(1, min(8, width // 16)),  # xinsir's has 8 at width 320
         "num_proj_channel": width,
     }
     torch.manual_seed(seed)

@@ -34,7 +34,11 @@ def test_a_single_file_checkpoint_draws_what_its_folder_draws(
 ):
     folder_engine = engine if name == "tiny" else xl
     checkpoint = tmp_path / f"{name}-checkpoint.safetensors"
-    save_file(original_state_dict(folder_engine.base), str(checkpoint))
+    # Written from a fresh load: the shared engines carry other tests' LoRA layers.
+    fresh = (
+        FAMILIES[name].pipeline_class("text2img").from_pretrained(FAMILIES[name].locate(cache_root))
+    )
+    save_file(original_state_dict(fresh), str(checkpoint))
     family = resolve_family(str(checkpoint), name)
     assert family.architecture == FAMILIES[name].architecture
     loaded = Engine(family, cache_root=cache_root)
@@ -50,7 +54,9 @@ def test_a_single_file_checkpoint_draws_what_its_folder_draws(
 
 
 def test_the_architecture_is_read_from_the_file(engine, xl, tmp_path):
-    for name, base in (("sd", engine.base), ("xl", xl.base)):
+    for name, family in (("sd", "tiny"), ("xl", "tiny-xl")):
+        folder = FAMILIES[family].locate(engine.cache_root)
+        base = FAMILIES[family].pipeline_class("text2img").from_pretrained(folder)
         save_file(original_state_dict(base), str(tmp_path / f"{name}.safetensors"))
     # Without a config, the registry's SD 1.5 or SDXL base gives it (from the Hub cache).
     assert resolve_family(str(tmp_path / "sd.safetensors")).config_source is None

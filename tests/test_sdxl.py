@@ -222,7 +222,7 @@ def text_model_name(module: str) -> str:
     return module if module.startswith("text_model.") else f"text_model.{module}"
 
 
-def random_sdxl_lora(pipe, seed: int, rank: int = 4, alpha: float = 2.0):
+def random_sdxl_lora(pipe, seed: int, rank: int = 4, alpha: float = 2.0, parts=None):
     """A seeded LoRA for the tiny SDXL model, in both layouts: peft/diffusers keys, and
     the same adapter in kohya keys (lora_te1_, lora_te2_, SGM UNet names, alpha < rank)."""
     import torch
@@ -232,6 +232,8 @@ def random_sdxl_lora(pipe, seed: int, rank: int = 4, alpha: float = 2.0):
     peft, kohya = {}, {}
     prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
     for component, modules in sdxl_lora_modules(pipe).items():
+        if parts is not None and component not in parts:
+            continue
         for module, (out_features, in_features) in modules:
             down = torch.randn(rank, in_features, generator=generator) * 0.3
             up = torch.randn(out_features, rank, generator=generator) * 0.3
@@ -343,3 +345,47 @@ def test_eight_concurrent_mixed_sdxl_requests_each_equal_their_solo_run(cache_ro
     assert batching.scheduler.stats.runs - runs_before < 8  # some shared a pass
     assert [r.images[0].tobytes() for r in results] == alone
     assert len(set(alone)) == 8
+
+
+def test_an_fp16_safe_vae_the_user_points_at_is_loaded_recorded_and_picks_float16(xl):
+    import torch
+
+    from pipelines.engine import pick_device_and_dtype
+
+    folder = xl.family.locate(xl.cache_root)
+    swapped = Engine(FAMILIES["tiny-xl"], cache_root=xl.cache_root, vae=f"{folder}/vae")
+    result = swapped.generate(small(seed=16))
+    assert result.images[0].tobytes() == xl.generate(small(seed=16)).images[0].tobytes()
+    assert result.recipe.model["vae"] == "vae"  # its name, never the machine's path
+    assert "vae = AutoencoderKL.from_pretrained('vae'" in python_snippet(result.recipe)
+    family = FAMILIES["sdxl"]
+    assert pick_device_and_dtype(family, "cuda", None) == ("cuda", torch.bfloat16)
+    assert pick_device_and_dtype(family, "cuda", None, fp16_safe_vae=True)[1] == torch.float16
+
+
+def test_hotswap_slots_on_sdxl_give_the_same_images(xl, cache_root):
+    """UNet LoRAs swapped into fixed slots (what --compile needs) on the SDXL UNet: each
+    image is the one the named-adapter store makes."""
+    hotswap = Engine(
+        FAMILIES["tiny-xl"], cache_root=cache_root, lora_folder=ROOT / "loras", lora_hotswap_rank=8
+    )
+    names = []
+    for seed in (3, 4):
+        unet_only, _ = random_sdxl_lora(xl.base, seed=seed, parts=("unet",))
+        for engine in (xl, hotswap):
+            engine.loras.add_upload(unet_only, f"swap-{seed}.safetensors", "swap-session")
+        names.append(hotswap.loras.names("swap-session")[-1])
+    sequence = [
+        (LoraChoice(names[0], 1.0),),
+        (LoraChoice(names[1], 0.7),),
+        (),
+        (LoraChoice(names[0], 0.5),),
+    ]
+    for index, loras in enumerate(sequence):
+        request = small(seed=30 + index, loras=loras, session_id="swap-session")
+        mine, theirs = hotswap.generate(request), xl.generate(request)
+        assert np.abs(pixels(mine.images[0]) - pixels(theirs.images[0])).max() <= 1, index
+    # Text-encoder LoRAs are not swappable in slots: said, and the engine goes on.
+    with pytest.raises(LoraRejectedError, match="hotswap mode .* can only swap UNet LoRAs"):
+        hotswap.generate(small(loras=(LoraChoice("tiny-xl-sketch-kohya", 1.0),)))
+    assert hotswap.generate(small(seed=1)).images[0].size == (64, 64)
