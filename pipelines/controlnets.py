@@ -52,11 +52,7 @@ class WindowedMultiControlNet(MultiControlNetModel):
                 guess_mode=guess_mode,
                 return_dict=False,
             )
-            if down_total is None:
-                down_total, mid_total = list(down), mid
-            else:
-                down_total = [prev + cur for prev, cur in zip(down_total, down)]
-                mid_total = mid_total + mid
+            down_total, mid_total = _add_residuals(down_total, mid_total, down, mid)
         # (None, None) tells the UNet "no control at this step", exactly as if absent.
         return down_total, mid_total
 
@@ -107,9 +103,13 @@ class WindowedMultiControlNetUnion(MultiControlNetUnionModel):
                 guess_mode=guess_mode,
                 return_dict=False,
             )
-            if down_total is None:
-                down_total, mid_total = list(down), mid
-            else:
-                down_total = [prev + cur for prev, cur in zip(down_total, down)]
-                mid_total = mid_total + mid
+            down_total, mid_total = _add_residuals(down_total, mid_total, down, mid)
         return down_total, mid_total
+
+
+def _add_residuals(down_total, mid_total, down, mid):
+    """One unit's residuals added to the sum so far (None before the first unit), in
+    MultiControlNetModel's order, so the sums are its bytes."""
+    if down_total is None:
+        return list(down), mid
+    return [prev + cur for prev, cur in zip(down_total, down)], mid_total + mid

@@ -151,7 +151,8 @@ class Engine:
             controls.union_controlnet_ref(family.compat_tag) if controlnet == "union" else None
         )
         self.cache_root = Path(cache_root) if cache_root else cache_dir()
-        self.vae_source = vae
+        # A folder is held by its absolute path, which the recipe reduces to its name.
+        self.vae_source = str(Path(vae).resolve()) if vae and Path(vae).is_dir() else vae
         self.device, self.dtype = pick_device_and_dtype(
             family, device, dtype, fp16_safe_vae=vae is not None
         )

@@ -225,7 +225,8 @@ def family_from_checkpoint(path: Path, config: str | None = None) -> ModelFamily
         )
     architecture = "sdxl" if any(key.startswith("conditioner.") for key in keys) else "sd"
     template = FAMILIES[_COMPAT_OF_ARCHITECTURE[architecture]]
-    config_source = config
+    # A folder is held by its absolute path, which the recipe reduces to its name.
+    config_source = str(Path(config).resolve()) if config and Path(config).is_dir() else config
     if config in FAMILIES:
         template, config_source = FAMILIES[config], None
         if template.architecture != architecture:

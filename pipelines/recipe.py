@@ -208,10 +208,11 @@ def build_recipe(
 
 
 def _public_ref(ref: str) -> str:
-    """A Hub id as it is; a local folder by its name only (where it lives is the machine's)."""
+    """A Hub id as it is; a local folder (held as an absolute path) by its name only:
+    where it lives is the machine's."""
     from pathlib import Path
 
-    return Path(ref).name if Path(ref).is_absolute() or Path(ref).exists() else ref
+    return Path(ref).name if Path(ref).is_absolute() else ref
 
 
 def a1111_parameters(recipe: Recipe) -> str:

@@ -171,19 +171,26 @@ def build_unet(size: SDFamilySize):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(size.seed)
+    return UNet2DConditionModel(**unet_arguments(size))
+
+
+def unet_arguments(size: SDFamilySize) -> dict[str, Any]:
+    """The UNet's levels and widths at `size` (the SDXL builder adds its conditioning)."""
     attends = size.unet_cross_attention
-    return UNet2DConditionModel(
-        sample_size=size.unet_sample_size,
-        in_channels=LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS,
-        block_out_channels=size.unet_widths,
-        layers_per_block=size.unet_layers,
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)),
-        cross_attention_dim=size.cross_attention_width,
-        attention_head_dim=size.attention_head_dim,
-        norm_num_groups=size.unet_norm_groups,
-    )
+    return {
+        "sample_size": size.unet_sample_size,
+        "in_channels": LATENT_CHANNELS,
+        "out_channels": LATENT_CHANNELS,
+        "block_out_channels": size.unet_widths,
+        "layers_per_block": size.unet_layers,
+        "down_block_types": tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends),
+        "up_block_types": tuple(
+            "CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)
+        ),
+        "cross_attention_dim": size.cross_attention_width,
+        "attention_head_dim": size.attention_head_dim,
+        "norm_num_groups": size.unet_norm_groups,
+    }
 
 
 def build_vae(size: SDFamilySize):

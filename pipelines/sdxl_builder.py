@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from .sd_builder import (
-    LATENT_CHANNELS,
     MAX_PROMPT_TOKENS,
     SDFamilySize,
     build_text_encoder,
     build_vae,
     randomise_output_convs,
+    unet_arguments,
 )
 
 # SDXL embeds each of its six size numbers (original h, w; crop top, left; target h, w).
@@ -110,20 +110,9 @@ def build_sdxl_unet(size: SDXLFamilySize):
     import torch
     from diffusers import UNet2DConditionModel
 
-    sd = size.sd
-    torch.manual_seed(sd.seed)
-    attends = sd.unet_cross_attention
+    torch.manual_seed(size.sd.seed)
     return UNet2DConditionModel(
-        sample_size=sd.unet_sample_size,
-        in_channels=LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS,
-        block_out_channels=sd.unet_widths,
-        layers_per_block=sd.unet_layers,
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)),
-        cross_attention_dim=size.cross_attention_width,
-        attention_head_dim=sd.attention_head_dim,
-        norm_num_groups=sd.unet_norm_groups,
+        **{**unet_arguments(size.sd), "cross_attention_dim": size.cross_attention_width},
         use_linear_projection=True,
         transformer_layers_per_block=size.transformer_layers,
         addition_embed_type="text_time",
