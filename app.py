@@ -98,6 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch.compile the UNet (GPU; pair with --lora-hotswap-rank) [env STENCIL_COMPILE]",
     )
     add_whole(
+        "--live-preview-every",
+        settings.LIVE_PREVIEW_EVERY,
+        "steps between two previews of a run in progress (0: none; -1: every 5 on a GPU, "
+        "none on the CPU)",
+    )
+    add_whole(
         "--queue-size",
         settings.QUEUE_SIZE,
         "requests that may wait in the queue before new ones are turned away",
@@ -160,6 +166,7 @@ def build_app(args: argparse.Namespace):
         gpu_slot=gpu_slot,
         controlnet=args.controlnet,
         vae=args.vae,
+        live_preview_every=None if args.live_preview_every < 0 else args.live_preview_every,
     )
     service = StencilService(engine)
     return create_demo(service, queue_size=args.queue_size)

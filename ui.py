@@ -16,6 +16,7 @@ import inspect
 import logging
 import queue
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +43,19 @@ PREVIEW_QUEUE = "stencil-preview"
 HUB_QUEUE = "stencil-hub-loras"
 LORA_SLOTS = 3
 EXAMPLES_DIR = Path(__file__).with_name("examples")
-RESULT_OUTPUTS = 5  # images, control maps, seed used, recipe, snippet
+RESULT_OUTPUTS = 6  # images, control maps, seed used, recipe, snippet, live preview
+BUSY_LABEL = "Generating…"
+
+
+def run_ready():
+    """Generate as it is between runs (a fresh update each time: Gradio may consume it)."""
+    return gr.update(value=RUN_LABEL, interactive=True)
+
+
+def preview_hidden():
+    return gr.update(value=None, visible=False)
+
+
 RUN_LABEL = "Generate"
 # Ctrl+Enter (Cmd+Enter on a Mac) in the prompt or the negative prompt clicks Generate: the
 # boxes are multi-line, so a plain Enter stays a new line. On a phone the columns stack and
@@ -116,6 +129,32 @@ class StopTokens:
                 del self._tokens[session]
 
 
+@dataclass(frozen=True)
+class LivePreview:
+    """A run's images as they are at `step` of `steps` (one per sample of the request)."""
+
+    images: list
+    step: int
+    steps: int
+
+    @property
+    def caption(self) -> str:
+        return f"Live preview · step {self.step} of {self.steps}"
+
+    def strip(self):
+        """The samples side by side, as one picture for the page's preview box."""
+        from PIL import Image
+
+        width = sum(image.width for image in self.images)
+        height = max(image.height for image in self.images)
+        strip = Image.new("RGB", (width, height))
+        left = 0
+        for image in self.images:
+            strip.paste(image, (left, 0))
+            left += image.width
+        return strip
+
+
 class BackgroundRun:
     """Runs `work(report)` in a thread of its own while the event handler yields.
 
@@ -136,14 +175,18 @@ class BackgroundRun:
 
     def _run(self, work) -> None:
         try:
-            self._outcome = work(lambda done, total, stage: self._reports.put((done, total, stage)))
+            self._outcome = work(
+                lambda done, total, stage: self._reports.put((done, total, stage)),
+                lambda images, step, steps: self._reports.put(LivePreview(images, step, steps)),
+            )
         except BaseException as exc:  # handed to the handler's thread by result()
             self._error = exc
         finally:
             self._reports.put(None)
 
     def reports(self):
-        """(done, total, stage) as they come, or None at each heartbeat; ends with the work."""
+        """(done, total, stage) or a LivePreview as they come, or None at each heartbeat;
+        ends with the work."""
         while True:
             try:
                 report = self._reports.get(timeout=self.HEARTBEAT_S)
@@ -266,6 +309,7 @@ def status_markdown(status: dict[str, Any]) -> str:
         f"**Model:** {status['label']} · `{status['base']}` · {status['device']} / "
         f"{status['dtype']}  \n**ControlNets:** {status.get('controlnets', 'one per control')}"
         f"  \n**Preprocessor weights:** {weights}"
+        f"  \n**Live preview:** {status.get('live_preview', 'off')}"
     )
     if status["notice"]:
         line = f"⚠️ **{status['notice']}**\n\n" + line
@@ -467,12 +511,16 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
         session = session_of(request)
         token = stops.start(session)
         run = BackgroundRun(
-            lambda report: service.generate(
-                values, session_id=session, progress=report, cancel=token
+            lambda report, show: service.generate(
+                values, session_id=session, progress=report, cancel=token, preview=show
             )
         )
         try:
             for report in run.reports():
+                if isinstance(report, LivePreview):
+                    shown = gr.update(value=report.strip(), label=report.caption, visible=True)
+                    yield (gr.skip(),) * (RESULT_OUTPUTS - 1) + (shown,)
+                    continue
                 if report is not None:
                     done, total, stage = report
                     progress((done, total), desc=stage)
@@ -480,6 +528,7 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
             outcome = run.result()
         except GenerationCancelled as exc:
             gr.Warning(f"Stopped: {exc}")
+            yield (gr.skip(),) * (RESULT_OUTPUTS - 1) + (preview_hidden(),)
             return
         finally:
             if not run.finished:  # closed by Gradio's cancel (or the Stop button)
@@ -493,6 +542,7 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
             outcome.seeds[0],
             outcome.recipe.to_dict(),
             service.python_snippet(outcome.recipe, outcome.map_paths),
+            preview_hidden(),
         )
 
     def generate_on_page(request: gr.Request, progress=gr.Progress(), **values):
@@ -500,14 +550,21 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
         unit or field, until the next run, and the previous results stay on the page
         (an error raised to Gradio would mark them and fade in 10 s)."""
         run = generate(request, progress, **values)
+        # Generate says it is running until the run ends; every end restores it (a Stop
+        # too, which closes this generator before it could: see `stop`).
+        busy = gr.update(value=BUSY_LABEL, interactive=False)
         try:
             first = True
             for outputs in run:
-                yield (*outputs, gr.update(value="", visible=False) if first else gr.skip())
+                page = (gr.update(value="", visible=False), busy) if first else (gr.skip(),) * 2
+                yield (*outputs, *page)
                 first = False
+            yield (gr.skip(),) * (RESULT_OUTPUTS + 1) + (run_ready(),)
         except gr.Error as exc:
-            yield (gr.skip(),) * RESULT_OUTPUTS + (
+            yield (gr.skip(),) * (RESULT_OUTPUTS - 1) + (
+                preview_hidden(),
                 gr.update(value=error_box_text(exc.message, fields.values()), visible=True),
+                run_ready(),
             )
         finally:
             run.close()  # a Stop closes us; the run's own cleanup must follow at once
@@ -539,7 +596,9 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
         service.forget_session(session_of(request))
 
     def stop(request: gr.Request):
+        """The Stop button: the run's token, and the page as it is between runs."""
         stops.stop(session_of(request))
+        return run_ready(), preview_hidden()
 
     lora_choices = lora_slot_choices(service, None)
     request_fields = [item for item in service.fields if item.unit is None]
@@ -586,8 +645,17 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
                                     elem_id=f"lora_{index + 1}_weight",
                                 )
                                 info = gr.Markdown(elem_id=f"lora_{index + 1}_info")
+                                thumbnail = gr.Image(
+                                    show_label=False,
+                                    interactive=False,
+                                    visible=False,
+                                    height=96,
+                                    width=96,
+                                    container=False,
+                                    elem_id=f"lora_{index + 1}_preview",
+                                )
                             slots.append((name, weight))
-                            slot_infos.append(info)
+                            slot_infos.append((info, thumbnail))
                         triggers = gr.Markdown()
                         add_triggers = gr.Button("Add trigger words to the prompt", size="sm")
                         for item in groups["loras"]:
@@ -627,6 +695,15 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
                 )
             with gr.Column(scale=6, elem_id="results_column"):
                 run_error = gr.Markdown(visible=False, elem_id="run_error")
+                live_preview = gr.Image(
+                    label="Live preview",
+                    type="pil",
+                    format="png",
+                    interactive=False,
+                    visible=False,
+                    height=260,
+                    elem_id="live_preview",
+                )
                 gallery = gr.Gallery(
                     label="Results",
                     format="png",
@@ -673,7 +750,7 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
         inputs = {key: components[key] for key in fields}
         accepts_fields(generate, fields)
         accepts_fields(generate_on_page, fields)
-        results = [gallery, maps, used_seed, recipe, snippet]
+        results = [gallery, maps, used_seed, recipe, snippet, live_preview]
         # Gradio only holds the connections: the engine's scheduler decides what runs on
         # the model and in which order (fair turns, caps, batches), so every waiting
         # request must reach it, with its place in line shown as progress.
@@ -681,7 +758,7 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
         generating = run.click(
             generate_on_page,
             inputs_kwargs=inputs,
-            outputs=[*results, run_error],
+            outputs=[*results, run_error, run],
             api_visibility="private",
             **model_queue,
         )
@@ -695,7 +772,10 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
         )
         # Gradio's cancel takes a queued run out of the queue and closes a running one; the
         # token reaches the engine at once (the page's Stop and the API's Job.cancel() meet).
-        halt.click(stop, None, None, queue=False, api_visibility="private", cancels=[generating])
+        halt.click(
+            stop, None, [run, live_preview], queue=False, api_visibility="private",
+            cancels=[generating],
+        )  # fmt: skip
         demo.load(None, None, None, js=PAGE_JS, api_visibility="private")
         _wire_send_to_units(units, gallery, maps, recipe, picked_result, picked_map,
                             send_result, send_map)  # fmt: skip
@@ -857,7 +937,13 @@ def _wire_loras(
         return lora_slot_markdown(service.list_loras(session_of(request)), name, weight)
 
     flat = [component for slot in slots for component in slot]
-    for (name, weight), info in zip(slots, infos, strict=True):
+
+    def slot_thumbnail(request: gr.Request, name: str):
+        image = service.lora_preview(name, session_of(request))
+        return gr.update(value=image, visible=image is not None)
+
+    for (name, weight), (info, thumbnail) in zip(slots, infos, strict=True):
+        name.change(slot_thumbnail, name, thumbnail, queue=False, api_visibility="private")
         # The weight is set first, so the composed text carries the default weight.
         name.input(default_weight, name, weight, queue=False, api_visibility="private").then(
             compose, [extra_loras, *flat], loras, queue=False, api_visibility="private"

@@ -203,7 +203,8 @@ def empty_map_note(unit, control_map, position: int) -> str | None:
         "canny": "no edges passed the thresholds (try lower ones)",
         "depth": "the depth map is flat",
     }.get(unit.control_type, "the map is empty")
+    number = unit.number(position)
     return (
-        f"Control {position} ({unit.control_type}): {found} in its image, so the map is"
+        f"Control {number} ({unit.control_type}): {found} in its image, so the map is"
         " empty and this unit will not steer the image."
     )

@@ -39,7 +39,7 @@ from .lora_catalogue import SESSION_PREFIXES
 from .map_cache import MapCache
 from .model_check import describe_component_failure, describe_load_failure
 from .recipe import Recipe
-from .requests import GenerationRequest, GenerationResult, ProgressCallback
+from .requests import GenerationRequest, GenerationResult, PreviewCallback, ProgressCallback
 from .scheduler import FairScheduler, Job, QueueRules
 from .schedulers import get_scheduler_spec
 from .settings import BUDGETS, cache_dir, env_choice, env_text
@@ -80,6 +80,7 @@ class EngineStatus:
     notice: str | None
     preprocessor_weights: dict[str, str]
     controlnets: str = "one per control"  # or the one ControlNet Union model every unit runs
+    live_preview: str = "off"  # or how often and by what a run in progress is shown
 
 
 def pick_device_and_dtype(
@@ -133,6 +134,7 @@ class Engine:
         gpu_slot: GpuSlot | None = None,
         controlnet: str = "per-control",
         vae: str | None = None,
+        live_preview_every: int | None = None,
     ):
         """`gpu_slot(run, seconds)`, where the GPU is lent per call (a ZeroGPU Space:
         `spaces.GPU(duration=seconds)(run)`), wraps each batch's model work: one slot per
@@ -141,7 +143,9 @@ class Engine:
 
         `controlnet`: "per-control" (each control type its own ControlNet) or "union"
         (every unit on the family's one ControlNet Union model, each with its mode).
-        `vae`: another VAE (Hub id or folder), such as an fp16-safe SDXL one."""
+        `vae`: another VAE (Hub id or folder), such as an fp16-safe SDXL one.
+        `live_preview_every`: steps between two images of a run in progress for callers
+        that ask for them (0: none; None: `live_preview.default_every` for the device)."""
         from . import controls
 
         self.family = family
@@ -180,6 +184,7 @@ class Engine:
         # so that building the page or reporting status never downloads or writes.
         self.preprocessor_weights_by_control = self._resolve_preprocessors()
         self.loras = self._open_lora_library(lora_folder, lora_hotswap_rank, allow_hub_loras)
+        self.live_preview_every, self.latent_decoder = self._open_live_preview(live_preview_every)
         self._smoke_test()
         if compile_unet:
             self._compile_unet()
@@ -253,6 +258,19 @@ class Engine:
         return pipeline_class.from_single_file(
             self.family.checkpoint, config=config, local_files_only=offline, **options
         )
+
+    def _open_live_preview(self, every: int | None):
+        from .live_preview import LatentDecoder, default_every
+
+        every = default_every(self.device) if every is None else every
+        if not isinstance(every, int) or every < 0:
+            raise InvalidRequestError("live_preview_every", every, "a whole number of steps >= 0")
+        if not every:
+            return 0, None
+        repo = self.family.preview_decoder
+        offline = repo is None or not hub_reachable(repo)
+        decoder = LatentDecoder.for_pipe(self.base, repo, offline=offline)
+        return (every, decoder) if decoder.usable else (0, None)
 
     def _open_lora_library(self, folder, hotswap_rank: int | None, allow_hub_loras: bool):
         if not folder:
@@ -338,12 +356,19 @@ class Engine:
             offline=self.notice is not None,
             notice=self.notice,
             preprocessor_weights=dict(self.preprocessor_weights_by_control),
+            live_preview=self._live_preview_line(),
             controlnets=(
                 f"one ControlNet Union for every control (`{self.union_ref}`)"
                 if self.union_ref is not None
                 else "one per control"
             ),
         )
+
+    def _live_preview_line(self) -> str:
+        if self.latent_decoder is None:
+            return "off"
+        how = "TAESD" if self.latent_decoder.source == "taesd" else "the VAE"
+        return f"every {self.live_preview_every} steps, decoded by {how}"
 
     @property
     def model_facts(self) -> dict[str, int]:
@@ -394,8 +419,11 @@ class Engine:
         *,
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
+        preview: PreviewCallback | None = None,
     ) -> GenerationResult:
-        """Run one request. Raises StencilError subclasses for anything the user can fix."""
+        """Run one request. Raises StencilError subclasses for anything the user can fix.
+        `preview(images, step, steps)` gets the request's images as they are, every
+        `live_preview_every` steps, when the engine makes previews."""
         started = time.perf_counter()
         cancel = cancel or CancelToken()
         self.check_against_model(request)
@@ -419,6 +447,7 @@ class Engine:
             payload=work,
             cancel=cancel,
             progress=progress,
+            preview=preview if self.latent_decoder is not None else None,
         )
         images, applied_loras = self.scheduler.run(job)
         resolved = {"prompt": prompt, "seed": seed, "width": width, "height": height}
@@ -527,14 +556,17 @@ class Engine:
         seeds and control images (one `batch_key`), so one LoRA set and one view serve all."""
         works = [job.payload for job in jobs]
         if self._run_on_gpu is None:
-            return self._run_works(works, _PassWatch(jobs))
+            return self._run_works(works, self._pass_watch(jobs))
         # Stop and step progress stay here: a slot may run the pass in another process,
         # where this process's tokens and callbacks cannot follow.
-        self._watch = _PassWatch(jobs)
+        self._watch = self._pass_watch(jobs)
         try:
             return self._run_on_gpu(works)
         finally:
             self._watch = None
+
+    def _pass_watch(self, jobs) -> _PassWatch:
+        return _PassWatch(jobs, self.latent_decoder, self.live_preview_every)
 
     def _run_works(self, works, watch: _PassWatch | None = None) -> list[tuple[list, list]]:
         """Each work's images and the LoRAs applied, from plain values (see `gpu_slot`)."""
@@ -597,9 +629,13 @@ class Engine:
             members = [work for work, _ in padded]
             works_maps = [work.maps for work in members]
 
-            def on_step_end(pipeline, step: int, timestep, callback_kwargs, number=number):
+            def on_step_end(
+                pipeline, step: int, timestep, callback_kwargs, number=number, chunk=chunk
+            ):
                 if watch is not None:
                     watch.after_step(number * steps + step + 1, steps * len(chunks), steps)
+                    if watch.wants_preview(step + 1, steps):
+                        watch.show(chunk, callback_kwargs["latents"], step + 1, steps)
                 return callback_kwargs
 
             options = dict(shared)
@@ -658,12 +694,15 @@ class Engine:
 
 
 class _PassWatch:
-    """A running pass's Stop and progress, for its jobs: the pass stops early only once
-    every member has stopped, and each member is told each step."""
+    """A running pass's Stop, progress and previews, for its jobs: the pass stops early
+    only once every member has stopped, each member is told each step, and one that asked
+    for previews sees its own samples every `every` steps."""
 
-    def __init__(self, jobs):
+    def __init__(self, jobs, decoder=None, every: int = 0):
         self.jobs = jobs
         self.pid = os.getpid()
+        self.decoder = decoder
+        self.every = every
 
     def here(self) -> bool:
         """False in a process forked from this one, whose copies of the jobs hear nothing."""
@@ -675,6 +714,20 @@ class _PassWatch:
             raise GenerationCancelled(f"stopped after step {step} of {steps}")
         for job in self.jobs:
             job.report(done, total, "denoising")
+
+    def wants_preview(self, step: int, steps: int) -> bool:
+        """Every `every` steps but the last (the result itself follows at once)."""
+        if self.decoder is None or not self.every or step % self.every or step >= steps:
+            return False
+        return any(job.preview is not None and not job.stopped for job in self.jobs)
+
+    def show(self, chunk, latents, step: int, steps: int) -> None:
+        """Decode the pass's real samples (not its padding) and hand each job its own."""
+        images = self.decoder.decode(latents[: len(chunk)])
+        for job in self.jobs:
+            own = [image for (work, _), image in zip(chunk, images) if work is job.payload]
+            if own:
+                job.show_preview(own, step, steps)
 
 
 @dataclass(frozen=True)

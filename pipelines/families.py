@@ -86,6 +86,9 @@ class ModelFamily:
     # tokenizers and scheduler, which such a file does not hold.
     checkpoint: str | None = None
     config_source: str | None = None
+    # A small decoder of this family's latents (TAESD) for images of a run in progress;
+    # without one (or offline without its weights) the VAE itself decodes them.
+    preview_decoder: str | None = None
 
     @property
     def is_local_build(self) -> bool:
@@ -141,6 +144,7 @@ FAMILIES: dict[str, ModelFamily] = {
             default_size=512,
             compat_tag="sd15",
             fp16_variant=True,
+            preview_decoder="madebyollin/taesd",
         ),
         ModelFamily(
             name="sdxl",
@@ -150,6 +154,7 @@ FAMILIES: dict[str, ModelFamily] = {
             default_size=1024,
             compat_tag="sdxl",
             fp16_variant=True,
+            preview_decoder="madebyollin/taesdxl",
         ),
         ModelFamily(
             name="tiny",

@@ -407,6 +407,8 @@ def path_inside(folder: Path, relative: str | None, name: str) -> Path:
     return path
 
 
+# A LoRA's thumbnail in the picker: a still picture, decoded with the image limits.
+PREVIEW_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 _ENTRY_FIELDS = {
     "name", "display_name", "file", "hub", "base", "trigger_words", "default_weight",
     "licence", "description", "preview",
@@ -429,6 +431,8 @@ def _parse_entry(folder: Path, item: Any, where: str) -> LoraEntry:
         _check_relative(folder, file, f"{where}: file")
     if preview is not None:
         _check_relative(folder, preview, f"{where}: preview")
+        if Path(str(preview)).suffix.lower() not in PREVIEW_SUFFIXES:
+            raise CatalogueError(f"{where}: preview must be one of {list(PREVIEW_SUFFIXES)}")
     weight = _parse_weight(item.get("default_weight", 1.0), where)
     triggers = _parse_trigger_words(item.get("trigger_words", []), where)
     base = _parse_base(item.get("base"), where)

@@ -8,7 +8,7 @@ rounded on the caller's behalf.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidRequestError
@@ -82,6 +82,13 @@ class ControlUnit:
     """
 
     params: tuple[tuple[str, Any], ...] = ()
+    # The unit's number where its caller shows it (the page's "Control 2" when Control 1 is
+    # off), for messages and captions; None: its place in the request. Not in the recipe.
+    shown_as: int | None = field(default=None, compare=False)
+
+    def number(self, position: int) -> int:
+        """The unit's number as the user knows it, given its place in the request."""
+        return self.shown_as or position
 
     def __post_init__(self) -> None:
         check_declared(self)
@@ -134,6 +141,8 @@ class GenerationRequest:
 
 
 ProgressCallback = Callable[[int, int, str], None]
+# A run's images as they are (PIL, one per sample of the request), at step of steps.
+PreviewCallback = Callable[[list, int, int], None]
 """progress(done, total, stage): called after each unit of work, e.g. one denoising step."""
 
 

@@ -69,6 +69,7 @@ class Job:
         payload: Any = None,
         cancel: Any = None,
         progress: Callable[[int, int, str], None] | None = None,
+        preview: Callable[[list, int, int], None] | None = None,
     ):
         self.number = next(self._numbers)
         self.session = session or f"anonymous-{self.number}"
@@ -78,6 +79,7 @@ class Job:
         self.payload = payload  # what the engine needs to run it
         self.cancel = cancel
         self.progress = progress
+        self.preview = preview
         self.overtaken = 0
         # The submitter's context (a web request's, say): its batch runs in it, so what
         # the host reads there (a GPU slot's quota holder) is the leader's.
@@ -93,6 +95,10 @@ class Job:
     def report(self, done: int, total: int, stage: str) -> None:
         if self.progress is not None and not self.stopped:
             self.progress(done, total, stage)
+
+    def show_preview(self, images: list, step: int, steps: int) -> None:
+        if self.preview is not None and not self.stopped:
+            self.preview(images, step, steps)
 
     def _finish(self, result: Any = None, error: BaseException | None = None) -> None:
         self._result, self._error = result, error

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .controls import empty_map_note
-from .errors import ImageError, InvalidRequestError, megabytes
+from .errors import ImageError, InvalidRequestError, StencilError, megabytes
 from .form import FormField, ParsedUnit, form_fields, parse_form, suffix, values_from_recipe
 from .recipe import Recipe, RecipeError, png_bytes_with_recipe
 from .settings import BUDGETS, Budgets, cache_dir
@@ -24,7 +25,15 @@ from .storage import BoundedFolder
 
 if TYPE_CHECKING:  # the engine brings torch; the service's importers need not
     from .engine import CancelToken, Engine
-    from .requests import GenerationRequest, ProgressCallback
+    from .requests import GenerationRequest, PreviewCallback, ProgressCallback
+
+
+log = logging.getLogger(__name__)
+
+# A LoRA's catalogue picture is a thumbnail: past these it is not decoded at all.
+LORA_PREVIEW_MAX_BYTES = 4 * 2**20
+LORA_PREVIEW_MAX_PIXELS = 2048 * 2048
+LORA_THUMBNAIL_SIDE = 256
 
 
 @dataclass(frozen=True)
@@ -72,9 +81,12 @@ class StencilService:
         session_id: str | None = None,
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
+        preview: PreviewCallback | None = None,
     ) -> GenerationOutcome:
+        """`preview(images, step, steps)`: the run's images as they are, every few steps,
+        where the engine makes previews (`live_preview_every`)."""
         request = self.build_request(fields, session_id=session_id)
-        result = self.engine.generate(request, progress=progress, cancel=cancel)
+        result = self.engine.generate(request, progress=progress, cancel=cancel, preview=preview)
         image_paths = [
             self._write_png(image, result.recipe.for_image(seed), prefix=f"stencil-{seed}")
             for image, seed in zip(result.images, result.seeds)
@@ -92,7 +104,8 @@ class StencilService:
                 for image, seed in zip(result.images, result.seeds)
             ),
             map_captions=tuple(
-                f"Control {position}: {unit.control_type} · {image.width}×{image.height}"
+                f"Control {unit.number(position)}: {unit.control_type}"
+                f" · {image.width}×{image.height}"
                 for position, (unit, image) in enumerate(
                     zip(request.controls, result.control_maps), start=1
                 )
@@ -119,7 +132,7 @@ class StencilService:
         if not parsed.units:
             value = fields.get("control_type")
             raise InvalidRequestError("control_type", value, "pick a control type")
-        unit = self._control_unit(parsed.units[0])
+        unit = replace(self._control_unit(parsed.units[0]), shown_as=position)
         control_map = self.engine.control_map(unit)
         path = self._write_png(control_map, None, prefix=f"map-{unit.control_type}")
         return MapPreview(path, empty_map_note(unit, control_map, position))
@@ -128,6 +141,28 @@ class StencilService:
         if self.engine.loras is None:
             return []
         return [entry.to_public_dict() for entry in self.engine.loras.entries(session_id)]
+
+    def lora_preview(self, name: str | None, session_id: str | None = None):
+        """The picker's thumbnail of a LoRA: its catalogue picture (a PIL image, at most
+        `LORA_THUMBNAIL_SIDE` px), or None for a LoRA without one (uploads have none).
+        A picture that cannot be read is logged, not shown: it is decoration, not a
+        setting, and must never stand in the way of the LoRA itself."""
+        from .images import load_image
+
+        library = self.engine.loras
+        entries = {entry["name"]: entry for entry in self.list_loras(session_id)}
+        if library is None or not entries.get(name or "", {}).get("has_preview"):
+            return None
+        try:
+            path = library.preview_path(name)
+            image = load_image(
+                path, max_bytes=LORA_PREVIEW_MAX_BYTES, max_pixels=LORA_PREVIEW_MAX_PIXELS
+            ).convert("RGB")
+        except (StencilError, OSError) as exc:
+            log.warning("the preview of LoRA %r could not be read: %s", name, exc)
+            return None
+        image.thumbnail((LORA_THUMBNAIL_SIDE, LORA_THUMBNAIL_SIDE))
+        return image
 
     def add_lora_upload(self, path: str | Path, session_id: str) -> dict[str, Any]:
         """Validate an uploaded LoRA file and register it for this session only."""
@@ -169,6 +204,7 @@ class StencilService:
             "offline": status.offline,
             "notice": status.notice,
             "preprocessor_weights": dict(status.preprocessor_weights),
+            "live_preview": status.live_preview,
         }
 
     def read_recipe(self, path: str | Path) -> Recipe:
@@ -225,7 +261,9 @@ class StencilService:
         # Checked here too, before any work, where the unit's own field name is known.
         resolution_field = "control_resolution" + suffix(parsed.position)
         check_map_budget(*values["image"].size, values["resolution"], field=resolution_field)
-        return ControlUnit(**values, params=spec.validate_params(parsed.params))
+        return ControlUnit(
+            **values, params=spec.validate_params(parsed.params), shown_as=parsed.position
+        )
 
     def _lora_choices(self, text: str, session_id: str | None):
         if self.engine.loras is not None:

@@ -69,6 +69,9 @@ QUEUE_PER_SESSION = WholeSetting("STENCIL_QUEUE_PER_SESSION", 4, 1, 1000)
 BATCH_SIZE = WholeSetting("STENCIL_BATCH_SIZE", 1, 1, 16)
 MAX_OVERTAKES = WholeSetting("STENCIL_MAX_OVERTAKES", 2, 0, 100)
 PORT = WholeSetting("GRADIO_SERVER_PORT", 7860, 1, 65535)
+# Steps between two images of a run in progress; 0: none; -1: by device (every few steps on
+# a GPU, none on the CPU, where each costs about a VAE decode: bench/results/live_preview.md).
+LIVE_PREVIEW_EVERY = WholeSetting("STENCIL_LIVE_PREVIEW_EVERY", -1, -1, 500)
 # 0: hotswap off (adapters loaded by name); otherwise the rank every slot is padded to.
 LORA_HOTSWAP_RANK = WholeSetting("STENCIL_LORA_HOTSWAP_RANK", 0, 0, 1024)
 # A yes/no setting (`env_flag`), off unless the operator turns it on: users may add LoRAs

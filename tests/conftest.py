@@ -108,7 +108,13 @@ def served_app(env: dict, log_name: str):
 @pytest.fixture(scope="session")
 def running_app(cache_root):
     """`python app.py` in a subprocess, offline, on a free port; yields its URL."""
-    env = dict(os.environ, GRADIO_SERVER_PORT=str(_free_port()), STENCIL_MODEL="auto")
+    # Live preview on (every 5 steps), as on a GPU: the page's preview box is tested too.
+    env = dict(
+        os.environ,
+        GRADIO_SERVER_PORT=str(_free_port()),
+        STENCIL_MODEL="auto",
+        STENCIL_LIVE_PREVIEW_EVERY="5",
+    )
     with served_app(env, "app-under-test.log") as url:
         yield url
 

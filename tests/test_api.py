@@ -39,7 +39,7 @@ def house() -> str:
 
 
 def test_generate_with_a_canny_map_and_a_lora(client, house):
-    gallery, maps, seed, recipe, snippet = client.predict(
+    gallery, maps, seed, recipe, snippet, _preview = client.predict(
         prompt="a cottage, ink",
         control_type="canny",
         control_image=handle_file(house),
@@ -133,7 +133,7 @@ def test_preview_returns_the_map_before_any_generation(client, house):
 
 
 def test_second_control_unit_is_reachable(client, house):
-    gallery, maps, _seed, recipe, _snippet = client.predict(
+    gallery, maps, _seed, recipe, _snippet, _preview = client.predict(
         prompt="a house",
         control_type="canny",
         control_image=handle_file(house),
@@ -274,7 +274,7 @@ def test_the_snippet_runs_as_written_and_draws_the_same_pixels(client, tmp_path)
     from pathlib import Path
 
     square = ROOT / "examples" / "tiny-square.png"
-    gallery, maps, _, _, snippet = client.predict(
+    gallery, maps, _, _, snippet, _ = client.predict(
         prompt="a green square on a white background",
         control_type="canny",
         control_image=handle_file(str(square)),
@@ -313,3 +313,18 @@ def test_each_image_of_a_batch_of_three_re_runs_bit_exact_from_its_own_recipe(cl
         )
         rerun = Image.open(path_of(again[0]))
         assert rerun.convert("RGB").tobytes() == image.convert("RGB").tobytes()
+
+
+def test_the_api_streams_live_previews_as_the_page_shows_them(running_app):
+    """The app under test previews every 5 steps: a caller that submits sees the images of
+    the run in progress among its outputs, then the result, with the preview cleared."""
+    job = Client(running_app, verbose=False).submit(
+        prompt="a red circle on a blue background", seed=3, steps=16, api_name="/generate"
+    )
+    gallery, *_, last_preview = job.result()
+    previews = [outputs[-1] for outputs in job.outputs() if outputs[-1]]
+    assert previews, "no live preview reached the caller"
+    for preview in previews:
+        with Image.open(preview) as image:
+            assert image.size == (64, 64)
+    assert last_preview is None and len(gallery) == 1

@@ -20,7 +20,7 @@ def test_offline_app_says_so_on_the_page(running_app):
 
 
 def test_generate_with_only_a_prompt_returns_an_image(client):
-    gallery, _maps, seed, _recipe, _snippet = client.predict(
+    gallery, _maps, seed, _recipe, _snippet, _preview = client.predict(
         prompt="a red fox", api_name="/generate"
     )
     image = Image.open(_image_path(gallery[0]))

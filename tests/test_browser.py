@@ -76,6 +76,66 @@ def test_upload_preview_generate_and_see_the_image(page):
     page.screenshot(path=str(SCREENSHOT), full_page=True)
 
 
+# How an <img> draws its picture: with object-fit "contain" (or "scale-down") all of it, at
+# its own aspect, inside the box; with "cover" or "fill" the box's aspect, cropped or bent.
+SHOWN_ASPECT = """img => img.decode().then(() => {
+  const box = img.getBoundingClientRect();
+  const fit = getComputedStyle(img).objectFit;
+  const whole = fit === "contain" || fit === "scale-down";
+  return [whole ? img.naturalWidth / img.naturalHeight : box.width / box.height,
+          img.naturalWidth / img.naturalHeight];
+})"""
+
+
+def test_a_landscape_result_is_shown_whole(page):
+    result = page.locator("#results img").first
+    result.wait_for()
+    shown, picture = result.evaluate(SHOWN_ASPECT)
+    assert picture > 1.2  # the house photo's landscape shape (64 x 40)
+    assert shown == pytest.approx(picture, rel=0.01)
+    # Its caption says the seed and the size it was made at.
+    caption = page.locator("#results").inner_text()
+    assert "seed " in caption and "64×40" in caption
+
+
+def _set_steps(page, steps: int) -> None:
+    if not page.locator("#steps").is_visible():
+        page.get_by_text("Advanced", exact=True).click()
+    box = page.locator("#steps input[type=number]")
+    box.fill(str(steps))
+    box.press("Enter")
+
+
+BUTTON_READS = "label => document.querySelector('#generate').innerText.trim() === label"
+
+
+def test_generate_says_it_is_running_shows_a_live_preview_and_comes_back(page):
+    from ui import BUSY_LABEL, RUN_LABEL
+
+    _set_steps(page, 100)
+    try:
+        before = page.locator("#results img").first.get_attribute("src")
+        page.locator("#generate").click()
+        page.wait_for_function(BUTTON_READS, arg=BUSY_LABEL)
+        assert page.locator("#generate").is_disabled()
+        # The image as it is, every few steps (the app under test previews every 5).
+        page.locator("#live_preview img").first.wait_for()
+        assert "step" in page.locator("#live_preview").inner_text()
+        page.wait_for_function(NEW_RESULT, arg=before)
+        page.wait_for_function(BUTTON_READS, arg=RUN_LABEL)
+        assert page.locator("#generate").is_enabled()
+        page.locator("#live_preview").wait_for(state="hidden")
+
+        # Stopped, it comes back too.
+        page.locator("#generate").click()
+        page.wait_for_function(BUTTON_READS, arg=BUSY_LABEL)
+        page.locator("#stop").click()
+        page.wait_for_function(BUTTON_READS, arg=RUN_LABEL)
+        assert page.locator("#generate").is_enabled()
+    finally:
+        _set_steps(page, 20)
+
+
 def test_dropping_a_stencil_png_restores_its_settings(page, client):
     gallery, *_ = client.predict(
         prompt="a lighthouse at dusk",
@@ -149,6 +209,10 @@ def test_picking_a_lora_sets_its_weight_and_shows_its_tag(page):
     info.get_by_text("<lora:tiny-neon:0.8>").wait_for()  # the catalogue's default weight
     assert "CC0-1.0" in info.inner_text()
     assert _slider_value(page, "lora_1_weight") == "0.8"
+    # Its thumbnail, drawn with it (loras/previews/tiny-neon.png).
+    thumbnail = page.locator("#lora_1_preview img").first
+    thumbnail.wait_for()
+    assert tuple(thumbnail.evaluate(NATURAL_SIZE)) == (64, 64)
     page.wait_for_function(
         "() => [...document.querySelectorAll('#loras textarea, #loras input')]"
         ".some(box => box.value === 'tiny-neon:0.8')"
@@ -243,7 +307,7 @@ def test_on_a_phone_tapping_generate_brings_the_results_into_view(page):
         page.locator("#generate").click()
         in_view = (
             "() => { const box = document.querySelector('#results').getBoundingClientRect();"
-            " return box.top >= 0 && box.top < window.innerHeight; }"
+            " return box.top > -1 && box.top < window.innerHeight; }"
         )
         page.wait_for_function(in_view)
         page.wait_for_function(NEW_RESULT, arg=before)

@@ -368,3 +368,23 @@ def test_an_empty_map_is_said_and_a_map_with_content_is_not(engine):
     assert not any(
         "will not steer" in w for w in engine.generate(small(controls=second_blank[:1])).warnings
     )
+
+
+def test_captions_and_notes_name_a_unit_by_its_number_on_the_page(engine):
+    """With Control 1 off, the only map is Control 2's: its caption and its empty-map note
+    say "Control 2", as the page's tabs do, not its place among the units in use."""
+    from PIL import Image
+
+    from pipelines.service import StencilService
+
+    service = StencilService(engine)
+    blank = Image.new("RGB", (64, 64), "white")
+    outcome = service.generate(
+        {"prompt": "a red circle", "seed": 1, "steps": 1, "control_type": "none",
+         "control_type_2": "canny", "control_image_2": blank}
+    )  # fmt: skip
+    [caption] = outcome.map_captions
+    assert caption.startswith("Control 2: canny · ")
+    assert [w for w in outcome.warnings if "will not steer" in w][0].startswith("Control 2 ")
+    preview = service.preview_control({"control_type": "canny", "control_image": blank}, position=2)
+    assert preview.note.startswith("Control 2 (canny)")

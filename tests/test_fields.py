@@ -133,7 +133,7 @@ def test_every_declared_field_round_trips_through_the_api_the_png_and_restore(cl
     # Only other controls' parameters may be left out (a unit runs one control).
     for item in left_out:
         assert item.is_param and item.control != CHOSEN_CONTROL[item.unit], item.key
-    gallery, _maps, _seed, recipe, _snippet = client.predict(**sent, api_name="/generate")
+    gallery, _maps, _seed, recipe, _snippet, _preview = client.predict(**sent, api_name="/generate")
     assert len(gallery) == 2
     second = gallery[1]["image"] if isinstance(gallery[1], dict) else gallery[1]
     restored = client.predict(handle_file(second), api_name="/restore_recipe")

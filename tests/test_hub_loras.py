@@ -500,7 +500,7 @@ def test_the_api_adds_a_hub_lora_for_the_calling_client_only(
         assert entry["repo_id"] == "stencil-tests/ink" and entry["revision"] == COMMIT
         job = {"prompt": "a fox", "seed": 7, "steps": 2, "width": 64, "height": 64}
         plain, *_ = mine.predict(**job, api_name="/generate")
-        styled, _maps, _seed, recipe, _snippet = mine.predict(
+        styled, _maps, _seed, recipe, _snippet, _preview = mine.predict(
             **job, loras=f"{entry['name']}:1", api_name="/generate"
         )
         assert recipe["loras"][0]["revision"] == COMMIT

@@ -63,7 +63,7 @@ def generate(client, **fields):
 
 
 def test_text_to_image_and_each_control_on_sdxl(xl_client, photo):
-    plain, _maps, _seed, recipe, snippet = generate(xl_client)
+    plain, _maps, _seed, recipe, snippet, _ = generate(xl_client)
     assert Image.open(path_of(plain[0])).size == (64, 64)
     assert recipe["model"]["architecture"] == "sdxl"
     assert "StableDiffusionXLPipeline" in snippet
@@ -85,7 +85,7 @@ def test_a_kohya_sdxl_lora_changes_the_image_and_weight_0_is_the_base(xl_client)
     entries = xl_client.predict(api_name="/list_loras")
     assert [e["name"] for e in entries] == ["tiny-xl-sketch-kohya"]  # only this family's
     base, *_ = generate(xl_client, seed=9)
-    styled, _, _, recipe, _ = generate(xl_client, seed=9, loras="tiny-xl-sketch-kohya:1")
+    styled, _, _, recipe, _, _ = generate(xl_client, seed=9, loras="tiny-xl-sketch-kohya:1")
     assert np.abs(picture(styled[0]) - picture(base[0])).mean() > 1.0
     assert recipe["loras"][0]["name"] == "tiny-xl-sketch-kohya"
     off, *_ = generate(xl_client, seed=9, loras="tiny-xl-sketch-kohya:0")
