@@ -56,6 +56,16 @@ def preview_hidden():
     return gr.update(value=None, visible=False)
 
 
+def preview_box(preview):
+    """The API's live-preview output as the page's box shows it: a picture opens the box
+    (its caption says the step), None closes it, an update (a skip) passes through."""
+    if isinstance(preview, dict) or preview is gr.skip:
+        return preview
+    if preview is None:
+        return preview_hidden()
+    return gr.update(value=preview, label=preview.info.get("caption", "Live preview"), visible=True)
+
+
 RUN_LABEL = "Generate"
 # Ctrl+Enter (Cmd+Enter on a Mac) in the prompt or the negative prompt clicks Generate: the
 # boxes are multi-line, so a plain Enter stays a new line. On a phone the columns stack and
@@ -152,6 +162,7 @@ class LivePreview:
         for image in self.images:
             strip.paste(image, (left, 0))
             left += image.width
+        strip.info["caption"] = self.caption  # the page's box label; not written to the PNG
         return strip
 
 
@@ -518,8 +529,8 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
         try:
             for report in run.reports():
                 if isinstance(report, LivePreview):
-                    shown = gr.update(value=report.strip(), label=report.caption, visible=True)
-                    yield (gr.skip(),) * (RESULT_OUTPUTS - 1) + (shown,)
+                    # The API gets the picture itself; the page shows it in its box.
+                    yield (gr.skip(),) * (RESULT_OUTPUTS - 1) + (report.strip(),)
                     continue
                 if report is not None:
                     done, total, stage = report
@@ -528,7 +539,7 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
             outcome = run.result()
         except GenerationCancelled as exc:
             gr.Warning(f"Stopped: {exc}")
-            yield (gr.skip(),) * (RESULT_OUTPUTS - 1) + (preview_hidden(),)
+            yield (gr.skip(),) * (RESULT_OUTPUTS - 1) + (None,)
             return
         finally:
             if not run.finished:  # closed by Gradio's cancel (or the Stop button)
@@ -542,7 +553,7 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
             outcome.seeds[0],
             outcome.recipe.to_dict(),
             service.python_snippet(outcome.recipe, outcome.map_paths),
-            preview_hidden(),
+            None,  # no preview once the result is here
         )
 
     def generate_on_page(request: gr.Request, progress=gr.Progress(), **values):
@@ -551,13 +562,15 @@ def create_demo(service: StencilService, *, queue_size: int = 32) -> gr.Blocks:
         (an error raised to Gradio would mark them and fade in 10 s)."""
         run = generate(request, progress, **values)
         # Generate says it is running until the run ends; every end restores it (a Stop
-        # too, which closes this generator before it could: see `stop`).
-        busy = gr.update(value=BUSY_LABEL, interactive=False)
+        # too, which closes this generator before it could: see `stop`). It stays
+        # clickable: a Stop that lands before this first yield would otherwise leave it
+        # disabled for good, where a stale label is put right by the next run's end.
+        busy = gr.update(value=BUSY_LABEL)
         try:
             first = True
-            for outputs in run:
+            for *outputs, preview in run:
                 page = (gr.update(value="", visible=False), busy) if first else (gr.skip(),) * 2
-                yield (*outputs, *page)
+                yield (*outputs, preview_box(preview), *page)
                 first = False
             yield (gr.skip(),) * (RESULT_OUTPUTS + 1) + (run_ready(),)
         except gr.Error as exc:

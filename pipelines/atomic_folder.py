@@ -79,6 +79,24 @@ def _set_aside(target: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def prune_superseded(current: Path, family_prefix: str) -> list[str]:
+    """Remove the folders beside `current` that an earlier build of the same family left
+    (`<family_prefix><other version>`): a retrained or rebuilt family lands in a new folder,
+    and the old one would otherwise stay in the cache for good. Staging and set-aside
+    folders (a concurrent builder's) are not touched; each removal is a set-aside first, so
+    a process still reading an old folder never sees it half gone. Returns the names removed."""
+    current = Path(current)
+    removed = []
+    for sibling in sorted(current.parent.glob(f"{family_prefix}*")):
+        if sibling.name == current.name or not sibling.is_dir() or sibling.is_symlink():
+            continue
+        _set_aside(sibling)
+        removed.append(sibling.name)
+    if removed:
+        log.info("removed superseded model folders: %s", ", ".join(removed))
+    return removed
+
+
 # ---- folders that verify themselves -------------------------------------------------------
 
 

@@ -372,11 +372,12 @@ class Engine:
 
     @property
     def model_facts(self) -> dict[str, int]:
-        """What the loaded model can take, for fields bounded by it (`Field.model_limit`)."""
+        """What the loaded model can take and its own size, for fields bounded by it
+        (`Field.model_limit`) or defaulting to it (`Field.model_default`)."""
         encoders = [getattr(self.base, name, None) for name in ("text_encoder", "text_encoder_2")]
         # CLIP skip applies to each of SDXL's two encoders: the shallower one bounds it.
         layers = min(e.config.num_hidden_layers for e in encoders if e is not None)
-        return {"text_encoder_layers": layers}
+        return {"text_encoder_layers": layers, "native_size": self.family.default_size}
 
     def check_against_model(self, request: GenerationRequest) -> None:
         """Fields whose bounds depend on the loaded model (CLIP skip and its depth)."""

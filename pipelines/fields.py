@@ -87,6 +87,9 @@ class Field:
     snippet_setup: tuple[str, ...] = ()
     # A fact of the loaded model that lowers `maximum` (e.g. the text encoder's depth).
     model_limit: str | None = None
+    # A fact of the loaded model that sets `default`, within the bounds and on the step
+    # (e.g. maps made at the family's own size: its ControlNets learnt from such maps).
+    model_default: str | None = None
     # False: the page and API send it, the service turns it into something else (the LoRA
     # text becomes parsed choices), so the request has no attribute of that name.
     stored: bool = True
@@ -147,10 +150,16 @@ class Field:
         return self.to_pipeline(value) if self.to_pipeline else value
 
     def narrowed(self, facts: Mapping[str, Any]) -> Field:
-        """This field with its bound lowered to what the loaded model can take."""
-        if self.model_limit is None or self.model_limit not in facts:
-            return self
-        return replace(self, maximum=min(self.maximum, facts[self.model_limit]))
+        """This field with its bound lowered to what the loaded model can take, and its
+        default the model's own where it has one."""
+        field = self
+        if self.model_limit is not None and self.model_limit in facts:
+            field = replace(field, maximum=min(field.maximum, facts[self.model_limit]))
+        if self.model_default is not None and self.model_default in facts:
+            wanted = min(max(facts[self.model_default], field.minimum), field.maximum)
+            on_step = field.minimum + (wanted - field.minimum) // field.step * field.step
+            field = replace(field, default=type(field.default)(on_step))
+        return field
 
     def page_values(self) -> tuple[Any, ...]:
         """Every value the page's slider can produce (for tests: each must be accepted)."""
@@ -420,6 +429,9 @@ DETECTION_RESOLUTION = Field(
     recipe="resolution",
     help=f"The preprocessor works at this short side (a map holds at most"
     f" {BUDGETS.max_map_pixels / 1e6:.1f} megapixels); the map is then fitted to the image.",
+    # On the page and in the API: the family's own size (64 tiny, 512 SD 1.5, 1024 SDXL).
+    # A canny map made at 512 and shrunk to the tiny family's 64 px loses its thin edges.
+    model_default="native_size",
 )
 
 

@@ -56,7 +56,7 @@ def form_fields(
     for position in range(1, units + 1):
         s = suffix(position)
         for spec in unit_fields():
-            laid_out.append(_renamed(spec, spec.name + s, position))
+            laid_out.append(_renamed(spec.narrowed(facts), spec.name + s, position))
         for control, control_spec in CONTROLS.items():
             for param in control_spec.params:
                 key = f"{control}_{param.name}{s}"

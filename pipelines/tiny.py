@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .atomic_folder import MANIFEST_NAME, build_verified, manifest_problem
+from .atomic_folder import MANIFEST_NAME, build_verified, manifest_problem, prune_superseded
 from .errors import ModelLoadError
 from .sd_builder import (
     BPE_CORPUS,
@@ -62,6 +62,11 @@ TINY_SIZE = SDFamilySize(
 )
 
 
+# The cache folder of each trained version is this plus its manifest's digest; one
+# version is kept: the others are removed when the current one is made sure of.
+TINY_FOLDER_PREFIX = "tiny-sd-"
+
+
 def tiny_family_dir(cache_root: Path) -> Path:
     """The cache folder for the trained weights: named by their manifest's digest, so weights
     trained again land in a new folder and an old copy is never reused."""
@@ -70,7 +75,7 @@ def tiny_family_dir(cache_root: Path) -> Path:
         digest = hashlib.sha256(manifest.read_bytes()).hexdigest()[:12]
     except OSError:
         raise ModelLoadError(_missing_weights("its manifest is missing")) from None
-    return Path(cache_root) / f"tiny-sd-{digest}"
+    return Path(cache_root) / f"{TINY_FOLDER_PREFIX}{digest}"
 
 
 def ensure_tiny_family(cache_root: Path) -> Path:
@@ -80,7 +85,9 @@ def ensure_tiny_family(cache_root: Path) -> Path:
     half-written model that later loads; checked against its manifest of file digests on
     every call, so a damaged copy (a file deleted, truncated or zeroed) is copied again.
     """
-    return build_verified(tiny_family_dir(cache_root), write_tiny_family)
+    folder = build_verified(tiny_family_dir(cache_root), write_tiny_family)
+    prune_superseded(folder, TINY_FOLDER_PREFIX)
+    return folder
 
 
 def write_tiny_family(folder: Path) -> None:

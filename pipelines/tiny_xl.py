@@ -12,13 +12,14 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from .atomic_folder import build_verified
+from .atomic_folder import build_verified, prune_superseded
 from .sdxl_builder import SDXLFamilySize, write_sdxl_family
 from .tiny import CONTROL_TYPES_WITH_TINY_CONTROLNET, TINY_SIZE
 
 # Bump when the builder or the sizes change: the cache folder is named by it, so an old
 # build is never reused for a new one.
 TINY_XL_VERSION = 1
+TINY_XL_FOLDER_PREFIX = "tiny-xl-v"  # + the version; older versions' folders are removed
 
 TINY_XL_SIZE = SDXLFamilySize(
     sd=replace(TINY_SIZE, seed=20261202, vae_scaling_factor=0.13025),
@@ -32,12 +33,14 @@ TINY_XL_SIZE = SDXLFamilySize(
 
 
 def tiny_xl_family_dir(cache_root: Path) -> Path:
-    return Path(cache_root) / f"tiny-xl-v{TINY_XL_VERSION}"
+    return Path(cache_root) / f"{TINY_XL_FOLDER_PREFIX}{TINY_XL_VERSION}"
 
 
 def ensure_tiny_xl_family(cache_root: Path) -> Path:
     """The family's folder, built first if missing or damaged (checked by its manifest)."""
-    return build_verified(tiny_xl_family_dir(cache_root), write_tiny_xl_family)
+    folder = build_verified(tiny_xl_family_dir(cache_root), write_tiny_xl_family)
+    prune_superseded(folder, TINY_XL_FOLDER_PREFIX)
+    return folder
 
 
 def write_tiny_xl_family(folder: Path) -> None:

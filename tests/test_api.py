@@ -128,7 +128,7 @@ def test_preview_returns_the_map_before_any_generation(client, house):
     )
     low_edges = np.asarray(Image.open(low))[:, :, 0]
     high_edges = np.asarray(Image.open(high))[:, :, 0]
-    assert low_edges.shape == (512, 768)  # short side at the default detection resolution
+    assert low_edges.shape == (64, 96)  # short side at the tiny family's own 64 px, its default
     assert (low_edges > 0).sum() >= (high_edges > 0).sum() > 0
 
 
@@ -322,9 +322,10 @@ def test_the_api_streams_live_previews_as_the_page_shows_them(running_app):
         prompt="a red circle on a blue background", seed=3, steps=16, api_name="/generate"
     )
     gallery, *_, last_preview = job.result()
-    previews = [outputs[-1] for outputs in job.outputs() if outputs[-1]]
+    # An output that leaves the preview as it was carries an update there (Gradio's skip).
+    previews = [outputs[-1] for outputs in job.outputs() if isinstance(outputs[-1], str)]
     assert previews, "no live preview reached the caller"
     for preview in previews:
         with Image.open(preview) as image:
             assert image.size == (64, 64)
-    assert last_preview is None and len(gallery) == 1
+    assert last_preview is None and len(gallery) == 1  # the preview is cleared

@@ -78,3 +78,21 @@ def test_tokenizer_is_a_real_bpe_that_knows_the_caption_words(tmp_path):
     assert "photo</w>" in tokens  # learned merges, not single bytes
     for word in (*TINY_COLOURS, *TINY_SHAPES, "background"):
         assert pipe.tokenizer.tokenize(word) == [f"{word}</w>"], word
+
+
+def test_folders_of_superseded_tiny_builds_are_removed(tmp_path, tiny_family):
+    """A retrained tiny family lands in a new folder; the old one must not stay for good."""
+    import shutil
+
+    from pipelines.tiny import ensure_tiny_family
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_family, cache / tiny_family.name)
+    for old in ("tiny-sd-000000000000", "tiny-xl-v0"):
+        (cache / old / "unet").mkdir(parents=True)
+        (cache / old / "unet" / "weights.safetensors").write_bytes(b"\0" * 1000)
+    (cache / "outputs").mkdir()  # anything else in the cache is not the family's
+    (cache / ".staging-tiny-sd-abc").mkdir()  # nor a concurrent builder's work
+    assert ensure_tiny_family(cache) == cache / tiny_family.name
+    left = sorted(p.name for p in cache.iterdir())
+    assert left == sorted([".staging-tiny-sd-abc", "outputs", "tiny-xl-v0", tiny_family.name])
