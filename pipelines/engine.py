@@ -268,7 +268,7 @@ class Engine:
         if not every:
             return 0, None
         repo = self.family.preview_decoder
-        offline = repo is None or not hub_reachable(repo)
+        offline = repo is None or Path(repo).is_dir() or not hub_reachable(repo)
         decoder = LatentDecoder.for_pipe(self.base, repo, offline=offline)
         return (every, decoder) if decoder.usable else (0, None)
 

@@ -116,3 +116,34 @@ def test_in_a_shared_pass_each_request_sees_only_its_own_samples(cache_root):
     assert mine_shared == alone
     assert [len(images) for _, images in theirs_shared] == [2, 2]
     assert all(image not in alone[0][1] for image in theirs_shared[0][1])
+
+
+def test_a_family_with_a_small_preview_decoder_uses_it(cache_root, tmp_path):
+    """TAESD's path: the family names a preview decoder (here a seeded AutoencoderTiny
+    written to a folder, loaded by the same `from_pretrained` as the Hub's), the engine
+    decodes previews with it, and the run's images stay what they are without it."""
+    import dataclasses
+
+    import torch
+    from diffusers import AutoencoderTiny
+
+    from pipelines.engine import Engine
+    from pipelines.families import FAMILIES
+
+    torch.manual_seed(0)
+    AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+    ).save_pretrained(tmp_path / "taesd")
+    family = dataclasses.replace(FAMILIES["tiny"], preview_decoder=str(tmp_path / "taesd"))
+    engine = Engine(family, cache_root=cache_root, live_preview_every=2)
+    assert engine.latent_decoder.source == "taesd"
+    assert engine.status.live_preview == "every 2 steps, decoded by TAESD"
+    shown = []
+    request = _request(steps=4)
+    result = engine.generate(request, preview=lambda images, *_: shown.append(images))
+    assert len(shown) == 1 and shown[0][0].mode == "RGB"
+    plain = Engine(FAMILIES["tiny"], cache_root=cache_root)
+    assert result.images[0].tobytes() == plain.generate(request).images[0].tobytes()
