@@ -455,3 +455,33 @@ def run_probes(script: Path, probes: Iterable[str], size: Any, extra: Sequence[s
         out[name] = run_probe(script, [*arguments, *extra])
         print(f"  probe {name}: {time.perf_counter() - started:.0f} s", flush=True)
     return out
+
+
+def plain_run_of(
+    plain: Any, request: Any, *, scheduler_config: Any = None, **extra: Any
+) -> Callable[[], Any]:
+    """`request` as a plain diffusers call on `plain`, the baseline the engine's own run of
+    it is compared with: the same scheduler (made fresh each run from `scheduler_config`,
+    default `plain`'s own, as the engine does), steps, guidance, size and seeded CPU
+    generator, plus `extra` (a ControlNet's `image`), so both make the same image; returns
+    a function that makes it."""
+    import torch
+
+    from pipelines.schedulers import get_scheduler_spec
+
+    spec = get_scheduler_spec(request.scheduler)
+    config = plain.scheduler.config if scheduler_config is None else scheduler_config
+
+    def run():
+        plain.scheduler = spec.build(config)
+        return plain(
+            request.prompt,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            width=request.width,
+            height=request.height,
+            generator=torch.Generator().manual_seed(request.seed),
+            **extra,
+        ).images[0]
+
+    return run

@@ -29,13 +29,11 @@ INTERVALS = (0, 5, 2)  # steps between previews; 0: none
 
 def tiny_rows(steps: int, repeats: int) -> list[list[str]]:
     import numpy as np
-    import torch
     from diffusers import StableDiffusionPipeline
 
     from pipelines.engine import Engine
     from pipelines.families import FAMILIES
     from pipelines.requests import GenerationRequest
-    from pipelines.schedulers import get_scheduler_spec
     from pipelines.tiny import ensure_tiny_family
 
     folder = ensure_tiny_family(BENCH_CACHE)
@@ -43,18 +41,7 @@ def tiny_rows(steps: int, repeats: int) -> list[list[str]]:
     plain.set_progress_bar_config(disable=True)
     engine = Engine(FAMILIES["tiny"], cache_root=BENCH_CACHE, dtype="float32", live_preview_every=1)
     request = GenerationRequest(prompt="a red fox", seed=3, steps=steps, width=64, height=64)
-    spec = get_scheduler_spec(request.scheduler)
-
-    def plain_run():
-        plain.scheduler = spec.build(plain.scheduler.config)
-        return plain(
-            request.prompt,
-            num_inference_steps=steps,
-            guidance_scale=request.guidance_scale,
-            width=64,
-            height=64,
-            generator=torch.Generator().manual_seed(request.seed),
-        ).images[0]
+    plain_run = common.plain_run_of(plain, request)
 
     def engine_run(every: int):
         engine.live_preview_every = every

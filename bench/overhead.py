@@ -27,24 +27,11 @@ RESULTS_FILE = RESULTS / "overhead.md"
 
 def measure(steps: int, repeats: int, engine, plain) -> dict[str, float]:
     import numpy as np
-    import torch
 
     from pipelines.requests import GenerationRequest
-    from pipelines.schedulers import get_scheduler_spec
 
     request = GenerationRequest(prompt="a red fox", seed=3, steps=steps, width=64, height=64)
-    spec = get_scheduler_spec(request.scheduler)
-
-    def plain_run():
-        plain.scheduler = spec.build(plain.scheduler.config)
-        return plain(
-            request.prompt,
-            num_inference_steps=steps,
-            guidance_scale=request.guidance_scale,
-            width=64,
-            height=64,
-            generator=torch.Generator().manual_seed(request.seed),
-        ).images[0]
+    plain_run = common.plain_run_of(plain, request)
 
     def engine_run():
         return engine.generate(request).images[0]

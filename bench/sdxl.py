@@ -139,7 +139,6 @@ def end_to_end(size: Size) -> list[dict]:
     from pipelines.engine import Engine
     from pipelines.families import FAMILIES
     from pipelines.requests import ControlUnit, GenerationRequest
-    from pipelines.schedulers import get_scheduler_spec
 
     torch.set_num_threads(size.threads)
     folder = family_folder(size)
@@ -174,20 +173,12 @@ def end_to_end(size: Size) -> list[dict]:
         else:
             plain = StableDiffusionXLPipeline(**shared, add_watermarker=False)
         plain.set_progress_bar_config(disable=True)
-        spec = get_scheduler_spec(request.scheduler)
-
-        def plain_run(plain=plain, request=request, maps=maps, spec=spec):
-            plain.scheduler = spec.build(engine.base.scheduler.config)
-            extra = {"image": maps[0]} if maps else {}
-            return plain(
-                request.prompt,
-                num_inference_steps=request.steps,
-                guidance_scale=request.guidance_scale,
-                width=request.width,
-                height=request.height,
-                generator=torch.Generator().manual_seed(request.seed),
-                **extra,
-            ).images[0]
+        plain_run = common.plain_run_of(
+            plain,
+            request,
+            scheduler_config=engine.base.scheduler.config,
+            **({"image": maps[0]} if maps else {}),
+        )
 
         def engine_run(request=request):
             return engine.generate(request).images[0]
