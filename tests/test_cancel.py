@@ -31,7 +31,7 @@ class HeldRuns:
         self.holding = threading.Event()
         self.release = threading.Event()
 
-    def generate(self, values, *, session_id=None, progress=None, cancel=None):
+    def generate(self, values, *, session_id=None, progress=None, cancel=None, preview=None):
         prompt = values["prompt"]
         self.started.append(prompt)
         self.tokens[prompt] = cancel
@@ -45,7 +45,7 @@ class HeldRuns:
 
         try:
             outcome = self.real_generate(
-                values, session_id=session_id, progress=counted, cancel=cancel
+                values, session_id=session_id, progress=counted, cancel=cancel, preview=preview
             )
         except GenerationCancelled:
             self.outcomes[prompt] = "cancelled"

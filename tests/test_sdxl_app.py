@@ -70,7 +70,7 @@ def test_text_to_image_and_each_control_on_sdxl(xl_client, photo):
     canny, maps, *_ = generate(xl_client, control_type="canny", control_image=handle_file(photo))
     assert np.abs(picture(canny[0]) - picture(plain[0])).mean() > 1.0
     assert maps[0]["caption"].startswith("Control 1: canny")
-    both, maps, _, recipe, _ = generate(
+    both, maps, _, recipe, _, _ = generate(
         xl_client,
         control_type="pose",
         control_image=handle_file(photo),
@@ -93,7 +93,7 @@ def test_a_kohya_sdxl_lora_changes_the_image_and_weight_0_is_the_base(xl_client)
 
 
 def test_the_sdxl_snippet_runs_as_written_and_draws_the_same_pixels(xl_client, photo, tmp_path):
-    gallery, maps, _, _, snippet = generate(
+    gallery, maps, _, _, snippet, _ = generate(
         xl_client,
         seed=5,
         control_type="canny",
@@ -111,7 +111,7 @@ def test_the_sdxl_snippet_runs_as_written_and_draws_the_same_pixels(xl_client, p
 
 def test_a_union_request_with_two_modes_runs_on_one_controlnet(union_client, photo):
     plain, *_ = generate(union_client)
-    gallery, maps, _, recipe, snippet = generate(
+    gallery, maps, _, recipe, snippet, _ = generate(
         union_client,
         control_type="canny",
         control_image=handle_file(photo),
