@@ -44,29 +44,9 @@ HUB_QUEUE = "stencil-hub-loras"
 LORA_SLOTS = 3
 EXAMPLES_DIR = Path(__file__).with_name("examples")
 RESULT_OUTPUTS = 6  # images, control maps, seed used, recipe, snippet, live preview
-BUSY_LABEL = "Generating…"
-
-
-def run_ready():
-    """Generate as it is between runs (a fresh update each time: Gradio may consume it)."""
-    return gr.update(value=RUN_LABEL, interactive=True)
-
-
-def preview_hidden():
-    return gr.update(value=None, visible=False)
-
-
-def preview_box(preview):
-    """The API's live-preview output as the page's box shows it: a picture opens the box
-    (its caption says the step), None closes it, an update (a skip) passes through."""
-    if isinstance(preview, dict) or preview is gr.skip:
-        return preview
-    if preview is None:
-        return preview_hidden()
-    return gr.update(value=preview, label=preview.info.get("caption", "Live preview"), visible=True)
-
 
 RUN_LABEL = "Generate"
+BUSY_LABEL = "Generating…"
 # Ctrl+Enter (Cmd+Enter on a Mac) in the prompt or the negative prompt clicks Generate: the
 # boxes are multi-line, so a plain Enter stays a new line. On a phone the columns stack and
 # the results sit far below Generate, so tapping it brings the results (where the progress
@@ -93,6 +73,25 @@ PAGE_JS = """() => {
 PRESETS_AT_512 = ((512, 512), (512, 768), (768, 512), (640, 448), (448, 640))
 PRESETS_AT_1024 = ((1024, 1024), (832, 1216), (1216, 832), (1152, 896), (896, 1152))
 AUTO_PRESET = "0x0"
+
+
+def run_ready():
+    """Generate as it is between runs (a fresh update each time: Gradio may consume it)."""
+    return gr.update(value=RUN_LABEL, interactive=True)
+
+
+def preview_hidden():
+    return gr.update(value=None, visible=False)
+
+
+def preview_box(preview):
+    """The API's live-preview output as the page's box shows it: a picture opens the box
+    (its caption says the step), None closes it, an update (a skip) passes through."""
+    if isinstance(preview, dict):
+        return preview
+    if preview is None:
+        return preview_hidden()
+    return gr.update(value=preview, label=preview.info.get("caption", "Live preview"), visible=True)
 
 
 class UploadedImage(gr.Image):
@@ -951,8 +950,8 @@ def _wire_loras(
 
     flat = [component for slot in slots for component in slot]
 
-    def slot_thumbnail(request: gr.Request, name: str):
-        image = service.lora_preview(name, session_of(request))
+    def slot_thumbnail(name: str):
+        image = service.lora_preview(name)
         return gr.update(value=image, visible=image is not None)
 
     for (name, weight), (info, thumbnail) in zip(slots, infos, strict=True):

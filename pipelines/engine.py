@@ -448,7 +448,7 @@ class Engine:
             payload=work,
             cancel=cancel,
             progress=progress,
-            preview=preview if self.latent_decoder is not None else None,
+            preview=preview,
         )
         images, applied_loras = self.scheduler.run(job)
         resolved = {"prompt": prompt, "seed": seed, "width": width, "height": height}

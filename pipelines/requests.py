@@ -141,9 +141,10 @@ class GenerationRequest:
 
 
 ProgressCallback = Callable[[int, int, str], None]
-# A run's images as they are (PIL, one per sample of the request), at step of steps.
-PreviewCallback = Callable[[list, int, int], None]
 """progress(done, total, stage): called after each unit of work, e.g. one denoising step."""
+
+PreviewCallback = Callable[[list, int, int], None]
+"""preview(images, step, steps): a run's images as they are (PIL, one per sample)."""
 
 
 @dataclass(frozen=True)

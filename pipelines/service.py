@@ -142,19 +142,24 @@ class StencilService:
             return []
         return [entry.to_public_dict() for entry in self.engine.loras.entries(session_id)]
 
-    def lora_preview(self, name: str | None, session_id: str | None = None):
+    def lora_preview(self, name: str | None):
         """The picker's thumbnail of a LoRA: its catalogue picture (a PIL image, at most
-        `LORA_THUMBNAIL_SIDE` px), or None for a LoRA without one (uploads have none).
-        A picture that cannot be read is logged, not shown: it is decoration, not a
-        setting, and must never stand in the way of the LoRA itself."""
+        `LORA_THUMBNAIL_SIDE` px), or None for a LoRA without one (uploads have none, and
+        a name not in this model's catalogue has none). A picture that cannot be read is
+        logged, not shown: it is decoration, not a setting, and must never stand in the
+        way of the LoRA itself."""
         from .images import load_image
 
         library = self.engine.loras
-        entries = {entry["name"]: entry for entry in self.list_loras(session_id)}
-        if library is None or not entries.get(name or "", {}).get("has_preview"):
+        if library is None or not name:
             return None
         try:
             path = library.preview_path(name)
+        except StencilError:  # an upload, another base's entry, an unknown name
+            return None
+        if path is None:
+            return None
+        try:
             image = load_image(
                 path, max_bytes=LORA_PREVIEW_MAX_BYTES, max_pixels=LORA_PREVIEW_MAX_PIXELS
             ).convert("RGB")

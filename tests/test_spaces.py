@@ -13,7 +13,6 @@ from datetime import timedelta
 
 import pytest
 import spaces
-from conftest import ROOT
 from spaces.config import Config
 
 import app
@@ -27,7 +26,7 @@ class ScheduleRecorded(Exception):
 
 
 @pytest.fixture(scope="module")
-def switchable():
+def switchable(cache_root):
     """An engine whose slot is the identity while it starts (its start-up check runs no
     differently from a plain engine's), then whatever the test sets, and the durations
     ZeroGPU's wrapper asked it for, with the arguments it asked with."""
@@ -40,7 +39,7 @@ def switchable():
 
         return lambda *args: state["slot"](run, asked)(*args)
 
-    engine = Engine(FAMILIES["tiny"], cache_root=ROOT / ".cache" / "test", gpu_slot=gpu_slot)
+    engine = Engine(FAMILIES["tiny"], cache_root=cache_root, gpu_slot=gpu_slot)
     return engine, state
 
 
