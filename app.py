@@ -103,6 +103,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "steps between two previews of a run in progress (0: none; -1: every 5 on a GPU, "
         "none on the CPU)",
     )
+    parser.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default=settings.env_text("STENCIL_BACKEND", "local"),
+        help="local: the model in this process; ray: engines on a Ray Serve cluster (the one "
+        "at RAY_ADDRESS, else one started here), routed by LoRA set; needs "
+        "requirements-ray.txt [env STENCIL_BACKEND]",
+    )
+    add_whole(
+        "--replicas",
+        settings.REPLICAS,
+        "with --backend ray: engines to deploy, one GPU each (unless the cluster already "
+        "runs the stencil-engine application)",
+    )
     add_whole(
         "--queue-size",
         settings.QUEUE_SIZE,
@@ -150,25 +164,36 @@ def build_app(args: argparse.Namespace):
     from pipelines.service import StencilService
     from ui import create_demo
 
-    engine = Engine.start(
-        args.model,
-        model_config=args.model_config,
-        lora_folder=args.loras,
-        lora_hotswap_rank=args.lora_hotswap_rank or None,
-        allow_hub_loras=args.allow_hub_loras,
-        compile_unet=args.compile,
-        queue_rules=QueueRules(
-            per_session=args.queue_per_session,
-            total=args.queue_size,
-            batch_size=args.batch_size,
-            max_overtakes=args.max_overtakes,
-        ),
-        gpu_slot=gpu_slot,
-        controlnet=args.controlnet,
-        vae=args.vae,
-        live_preview_every=None if args.live_preview_every < 0 else args.live_preview_every,
+    options = {
+        "model": args.model,
+        "model_config": args.model_config,
+        "lora_folder": args.loras,
+        "lora_hotswap_rank": args.lora_hotswap_rank or None,
+        "allow_hub_loras": args.allow_hub_loras,
+        "compile_unet": args.compile,
+        "controlnet": args.controlnet,
+        "vae": args.vae,
+        "live_preview_every": None if args.live_preview_every < 0 else args.live_preview_every,
+    }
+    rules = QueueRules(
+        per_session=args.queue_per_session,
+        total=args.queue_size,
+        batch_size=args.batch_size,
+        max_overtakes=args.max_overtakes,
     )
-    service = StencilService(engine)
+    if args.backend == "ray":
+        from pipelines.ray_backend import start_ray_backend
+
+        # Each replica's engine queues and batches what Ray routes to it, by the same rules.
+        backend = start_ray_backend(
+            {**options, "queue_rules": rules},
+            replicas=args.replicas,
+            lora_folder=args.loras,
+            allow_hub_loras=args.allow_hub_loras,
+        )
+    else:
+        backend = Engine.start(**options, queue_rules=rules, gpu_slot=gpu_slot)
+    service = StencilService(backend)
     return create_demo(service, queue_size=args.queue_size)
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -87,6 +87,8 @@ class AdapterStore(ABC):
         self._bound_unet: Any = None
         self._signature: ModelSignature | None = None
         self._active: ActiveSet | None = ()  # None: unknown, re-apply
+        # Files put into the model so far (loads or swaps): what routing by adapter set saves.
+        self.loads = 0
 
     @property
     @abstractmethod
@@ -146,6 +148,11 @@ class AdapterStore(ABC):
     @abstractmethod
     def _apply_weights(self, pipe: Any, target: ActiveSet) -> None:
         """Make exactly `target` active (empty: the base model's output)."""
+
+    def release(self, pipe: Any, sha256s: Collection[str]) -> None:
+        """Free these files' adapters now, rather than when the LRU bounds would (a Ray
+        replica's evicted adapter set). A strategy with fixed room has nothing to free."""
+        return None
 
     def _snapshot(self) -> Any:
         """What `_restorable` needs to know of the state before an activation."""
@@ -265,8 +272,15 @@ class NamedAdapters(AdapterStore):
             self._active = None  # half applied: the next activation sets every layer
             raise
 
+    def release(self, pipe: Any, sha256s: Collection[str]) -> None:
+        for sha256 in [sha for sha in self._loaded if sha in sha256s]:
+            _delete_adapter(pipe, self._loaded.pop(sha256).adapter)
+            self._active = None
+            self._layers = None
+
     def _load(self, pipe: Any, item: PreparedLora) -> LoadedAdapter:
         self._load_counter += 1
+        self.loads += 1
         adapter = f"stencil_{self._load_counter:06d}_{item.sha256[:12]}"
         self._active = None  # loading makes the new adapter active on some components
         self._layers = None  # and wraps layers, or adds the adapter to wrapped ones
@@ -562,6 +576,7 @@ class HotswapSlots(AdapterStore):
 
     def _swap_into(self, pipe: Any, slot: str, item: PreparedLora) -> None:
         self._active = None
+        self.loads += 1
         # From zeros: peft leaves the scaling of a layer the new file does not target as it
         # was, and the old file's (a NaN alpha, say) must not survive under the new one.
         self._empty(slot)

@@ -39,7 +39,13 @@ from .lora_catalogue import SESSION_PREFIXES
 from .map_cache import MapCache
 from .model_check import describe_component_failure, describe_load_failure
 from .recipe import Recipe
-from .requests import GenerationRequest, GenerationResult, PreviewCallback, ProgressCallback
+from .requests import (
+    GenerationRequest,
+    GenerationResult,
+    PreviewCallback,
+    ProgressCallback,
+    random_seed,
+)
 from .scheduler import FairScheduler, Job, QueueRules
 from .schedulers import get_scheduler_spec
 from .settings import BUDGETS, cache_dir, env_choice, env_text
@@ -126,6 +132,7 @@ class Engine:
         notice: str | None = None,
         lora_folder: Path | str | None = None,
         lora_hotswap_rank: int | None = None,
+        lora_max_loaded: int = 16,
         allow_hub_loras: bool = False,
         compile_unet: bool = False,
         map_cache_size: int = 64,
@@ -183,7 +190,9 @@ class Engine:
         # Weights for every preprocessor are found (or stand-ins built) now, at start-up,
         # so that building the page or reporting status never downloads or writes.
         self.preprocessor_weights_by_control = self._resolve_preprocessors()
-        self.loras = self._open_lora_library(lora_folder, lora_hotswap_rank, allow_hub_loras)
+        self.loras = self._open_lora_library(
+            lora_folder, lora_hotswap_rank, allow_hub_loras, lora_max_loaded
+        )
         self.live_preview_every, self.latent_decoder = self._open_live_preview(live_preview_every)
         self._smoke_test()
         if compile_unet:
@@ -272,7 +281,9 @@ class Engine:
         decoder = LatentDecoder.for_pipe(self.base, repo, offline=offline)
         return (every, decoder) if decoder.usable else (0, None)
 
-    def _open_lora_library(self, folder, hotswap_rank: int | None, allow_hub_loras: bool):
+    def _open_lora_library(
+        self, folder, hotswap_rank: int | None, allow_hub_loras: bool, max_loaded: int
+    ):
         if not folder:
             return None
         from .loras import LoraLibrary
@@ -280,6 +291,7 @@ class Engine:
         library = LoraLibrary(
             Path(folder),
             base_tag=self.family.compat_tag,
+            max_loaded=max_loaded,
             hotswap_rank=hotswap_rank,
             allow_hub_loras=allow_hub_loras,
         )
@@ -428,7 +440,7 @@ class Engine:
         started = time.perf_counter()
         cancel = cancel or CancelToken()
         self.check_against_model(request)
-        seed = request.seed if request.seed is not None else _random_seed()
+        seed = request.seed if request.seed is not None else random_seed()
         seeds = tuple(seed + index for index in range(request.num_images))
         prompt, loras = self._split_lora_tags(request)
         width, height = self._output_size(request)
@@ -470,6 +482,30 @@ class Engine:
                 raise GenerationCancelled(f"stopped before making control map {position}")
             maps.append(self.control_map(unit))
         return tuple(maps)
+
+    # ---- adapter sets, for a router that sends each set where it is loaded (Ray Serve)
+
+    def prepare_adapters(
+        self, loras, session_id: str | None = None, controlnet_refs=()
+    ) -> tuple[str, ...]:
+        """Load these ControlNets, and these LoRAs' files into the shared model, now;
+        returns the files' hashes (for `release_adapters`)."""
+        for ref in controlnet_refs:
+            self.controlnet(ref)
+        if self.loras is None or not loras:
+            return ()
+        with self._lock:
+            return self.loras.preload(self.base, loras, session_id=session_id)
+
+    def release_adapters(self, sha256s) -> None:
+        """Free the adapters of these files (a set the router no longer sends here)."""
+        if self.loras is not None:
+            with self._lock:
+                self.loras.release(self.base, sha256s)
+
+    @property
+    def adapter_loads(self) -> int:
+        return self.loras.adapter_loads if self.loras is not None else 0
 
     def _split_lora_tags(self, request: GenerationRequest):
         if self.loras is None:
@@ -873,10 +909,6 @@ def _quiet_diffusers():
         yield
     finally:
         diffusers_logging.set_verbosity(previous)
-
-
-def _random_seed() -> int:
-    return int.from_bytes(os.urandom(4), "little")
 
 
 def _torch():

@@ -22,6 +22,9 @@ class InvalidRequestError(StencilError, ValueError):
         self.allowed = allowed
         super().__init__(f"{field}={_short_repr(value)} is not allowed: {allowed}")
 
+    def __reduce__(self):  # pickled with its own arguments: it crosses to a Ray front
+        return type(self), (self.field, self.value, self.allowed)
+
 
 class UnknownNameError(StencilError, KeyError):
     """A name (model, scheduler, control type, LoRA) that is not in its registry."""
@@ -32,6 +35,9 @@ class UnknownNameError(StencilError, KeyError):
         self.known = tuple(known)
         listed = ", ".join(self.known) if self.known else "none available"
         super().__init__(f"unknown {kind} {_short_repr(name)}; choose one of: {listed}")
+
+    def __reduce__(self):
+        return type(self), (self.kind, self.name, self.known)
 
     def __str__(self) -> str:  # KeyError would otherwise quote the whole message
         return self.args[0]
@@ -57,6 +63,9 @@ class LoraRejectedError(StencilError, ValueError):
         self.name = name
         self.reason = reason
         super().__init__(f"LoRA {name!r} refused: {reason}")
+
+    def __reduce__(self):
+        return type(self), (self.name, self.reason)
 
 
 class SettingsError(ValueError):

@@ -85,6 +85,9 @@ class LoraEntry:
     description: str = ""
     preview: str | None = None  # relative to the library folder
     upload_sha256: str | None = field(default=None, repr=False)
+    # The file name it was uploaded as, which shapes `name`: another server (a Ray
+    # replica) given the same bytes, file name and session makes the same entry.
+    upload_filename: str | None = field(default=None, repr=False)
     session_id: str | None = field(default=None, repr=False)
     report: LoraFileReport | None = field(default=None, compare=False)
 
@@ -294,6 +297,7 @@ class LoraCatalogue:
             hub=upload.hub,
             licence="uploaded by the user" if upload.hub is None else HUB_LICENCE,
             upload_sha256=sha256,
+            upload_filename=upload.filename,
             session_id=session_id,
         )
         # Stored under the lock, so a closing session cannot delete the file between our

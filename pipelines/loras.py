@@ -161,6 +161,14 @@ class LoraLibrary:
             self.catalogue.check_upload(data, found.filename, session_id, hub=found.source)
         )
 
+    def adopt_upload(
+        self, data: bytes, filename: str, session_id: str, *, hub: HubSource | None = None
+    ) -> LoraEntry:
+        """Make an upload that another server of this deployment took (the Ray front)
+        choosable here too, under the same name. Its bytes are checked again: this server
+        trusts no file it did not check itself."""
+        return self._admit(self.catalogue.check_upload(data, filename, session_id, hub=hub))
+
     def _admit(self, upload: CheckedUpload) -> LoraEntry:
         """Check the upload against the model (when bound), then make it choosable."""
         report = self.sources.check_upload(upload.file, upload.display_name)
@@ -196,18 +204,39 @@ class LoraLibrary:
         fails, the previous active set is restored. Weight 0 means the adapter has no
         effect, so it is not even loaded. An empty set disables LoRA entirely.
         """
-        choices = tuple(choices)
+        entries, prepared = self._activate(pipe, tuple(choices), session_id)
+        reports = {p.entry.name: p.report for p in prepared}
+        return [
+            entry.to_recipe(choice.weight, reports.get(entry.name) or self._report_of(entry))
+            for entry, choice in zip(entries, choices)
+        ]
+
+    def preload(
+        self, pipe: Any, choices: Sequence[LoraChoice], session_id: str | None = None
+    ) -> tuple[str, ...]:
+        """Get `choices`' files into the model (by activating them), so that the requests
+        for this set that follow find them loaded; returns their content hashes, which
+        `release` takes."""
+        _, prepared = self._activate(pipe, tuple(choices), session_id)
+        return tuple(p.sha256 for p in prepared)
+
+    def release(self, pipe: Any, sha256s: Sequence[str]) -> None:
+        """Free the adapters of these files now (the store would evict them by LRU)."""
+        self.store.release(pipe, set(sha256s))
+
+    @property
+    def adapter_loads(self) -> int:
+        """Files put into the model so far."""
+        return self.store.loads
+
+    def _activate(self, pipe: Any, choices: tuple[LoraChoice, ...], session_id: str | None):
         check_unique(choices)
         entries = [self.catalogue.resolve(c.name, session_id=session_id) for c in choices]
         self.bind(pipe)
         wanted = [(e, c.weight) for e, c in zip(entries, choices) if c.weight != 0]
         prepared = self.sources.prepare_set([entry for entry, _ in wanted])
         self.store.activate(pipe, [(p, w) for p, (_, w) in zip(prepared, wanted)])
-        reports = {p.entry.name: p.report for p in prepared}
-        return [
-            entry.to_recipe(choice.weight, reports.get(entry.name) or self._report_of(entry))
-            for entry, choice in zip(entries, choices)
-        ]
+        return entries, prepared
 
     def loaded(self) -> list[str]:
         """Labels of the adapters in memory, least recently used first (for tests, benches)."""

@@ -7,6 +7,7 @@ rounded on the caller's behalf.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,6 +139,12 @@ class GenerationRequest:
         names = [choice.name for choice in self.loras]
         if len(set(names)) != len(names):
             raise InvalidRequestError("loras", names, "each LoRA may appear once")
+
+
+def random_seed() -> int:
+    """A seed for a request that names none (chosen before the run, so the recipe and a
+    retry elsewhere use it too)."""
+    return int.from_bytes(os.urandom(4), "little")
 
 
 ProgressCallback = Callable[[int, int, str], None]

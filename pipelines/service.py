@@ -2,8 +2,10 @@
 
 The page and the HTTP API send the same flat fields (`pipelines.form`); this module parses
 them into a validated `GenerationRequest`, runs it, and returns PNG files that carry their
-recipe. It knows no Gradio, so it is tested directly. Every parse happens inside its
-methods, so any bad value surfaces as a `StencilError` at the one edge the UI has.
+recipe. It knows no Gradio, so it is tested directly. It reaches the model through a
+`pipelines.backends.Backend`: the engine in this process, or a Ray Serve deployment.
+Every parse happens inside its methods, so any bad value surfaces as a `StencilError` at
+the one edge the UI has.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from .settings import BUDGETS, Budgets, cache_dir
 from .storage import BoundedFolder
 
 if TYPE_CHECKING:  # the engine brings torch; the service's importers need not
-    from .engine import CancelToken, Engine
+    from .backends import Backend
+    from .engine import CancelToken
     from .requests import GenerationRequest, PreviewCallback, ProgressCallback
 
 
@@ -57,9 +60,10 @@ class MapPreview:
 
 class StencilService:
     def __init__(
-        self, engine: Engine, output_dir: Path | None = None, *, budgets: Budgets = BUDGETS
+        self, backend: Backend, output_dir: Path | None = None, *, budgets: Budgets = BUDGETS
     ):
-        self.engine = engine
+        # The engine in this process, or a Ray Serve deployment of them (`backends`).
+        self.backend = backend
         # One folder, reused by every start, pruned by age and size (STENCIL_OUTPUT_*):
         # the page and the API serve Gradio's copy of a result, so this is its staging.
         self.outputs = BoundedFolder(
@@ -70,7 +74,7 @@ class StencilService:
         )
         self.output_dir = self.outputs.path
         # The page's components and the API's parameters, bounded by this model.
-        self.fields: tuple[FormField, ...] = form_fields(engine.model_facts)
+        self.fields: tuple[FormField, ...] = form_fields(backend.model_facts)
 
     # Each public method mirrors one named API endpoint.
 
@@ -86,7 +90,7 @@ class StencilService:
         """`preview(images, step, steps)`: the run's images as they are, every few steps,
         where the engine makes previews (`live_preview_every`)."""
         request = self.build_request(fields, session_id=session_id)
-        result = self.engine.generate(request, progress=progress, cancel=cancel, preview=preview)
+        result = self.backend.generate(request, progress=progress, cancel=cancel, preview=preview)
         image_paths = [
             self._write_png(image, result.recipe.for_image(seed), prefix=f"stencil-{seed}")
             for image, seed in zip(result.images, result.seeds)
@@ -133,14 +137,14 @@ class StencilService:
             value = fields.get("control_type")
             raise InvalidRequestError("control_type", value, "pick a control type")
         unit = replace(self._control_unit(parsed.units[0]), shown_as=position)
-        control_map = self.engine.control_map(unit)
+        control_map = self.backend.control_map(unit)
         path = self._write_png(control_map, None, prefix=f"map-{unit.control_type}")
         return MapPreview(path, empty_map_note(unit, control_map, position))
 
     def list_loras(self, session_id: str | None = None) -> list[dict[str, Any]]:
-        if self.engine.loras is None:
+        if self.backend.loras is None:
             return []
-        return [entry.to_public_dict() for entry in self.engine.loras.entries(session_id)]
+        return [entry.to_public_dict() for entry in self.backend.loras.entries(session_id)]
 
     def lora_preview(self, name: str | None):
         """The picker's thumbnail of a LoRA: its catalogue picture (a PIL image, at most
@@ -150,7 +154,7 @@ class StencilService:
         way of the LoRA itself."""
         from .images import load_image
 
-        library = self.engine.loras
+        library = self.backend.loras
         if library is None or not name:
             return None
         try:
@@ -171,35 +175,35 @@ class StencilService:
 
     def add_lora_upload(self, path: str | Path, session_id: str) -> dict[str, Any]:
         """Validate an uploaded LoRA file and register it for this session only."""
-        if self.engine.loras is None:
+        if self.backend.loras is None:
             raise InvalidRequestError(
                 "lora_file", Path(path).name, "this server has no LoRA library"
             )
-        data = _read_capped(Path(path), self.engine.loras.max_upload_bytes)
-        entry = self.engine.loras.add_upload(data, Path(path).name, session_id)
+        data = _read_capped(Path(path), self.backend.loras.max_upload_bytes)
+        entry = self.backend.loras.add_upload(data, Path(path).name, session_id)
         return entry.to_public_dict()
 
     @property
     def hub_loras_allowed(self) -> bool:
         """Whether the operator lets users add LoRAs from the Hub by id (`--allow-hub-loras`)."""
-        return self.engine.loras is not None and self.engine.loras.allow_hub_loras
+        return self.backend.loras is not None and self.backend.loras.allow_hub_loras
 
     def add_hub_lora(self, hub_repo: Any, hub_file: Any, session_id: str) -> dict[str, Any]:
         """Fetch one LoRA from a public Hub repository (`owner/name`, and the file's path in
         it when it holds several) and register it for this session only, as an upload."""
-        if self.engine.loras is None:
+        if self.backend.loras is None:
             raise InvalidRequestError("hub_repo", hub_repo, "this server has no LoRA library")
-        return self.engine.loras.add_hub_lora(hub_repo, hub_file, session_id).to_public_dict()
+        return self.backend.loras.add_hub_lora(hub_repo, hub_file, session_id).to_public_dict()
 
     def forget_session(self, session_id: str) -> None:
         """A closed session's state goes: its uploaded LoRAs (and Hub LoRAs), and their
         files when no other session holds the same bytes."""
-        if self.engine.loras is not None:
-            self.engine.loras.forget_session(session_id)
+        if self.backend.loras is not None:
+            self.backend.loras.forget_session(session_id)
 
     def status(self) -> dict[str, Any]:
         """What the page's status line shows. It only reports: nothing is built here."""
-        status = self.engine.status
+        status = self.backend.status
         return {
             "family": status.family,
             "label": status.label,
@@ -271,8 +275,8 @@ class StencilService:
         )
 
     def _lora_choices(self, text: str, session_id: str | None):
-        if self.engine.loras is not None:
-            return self.engine.loras.parse_lora_string(text or "", session_id=session_id)
+        if self.backend.loras is not None:
+            return self.backend.loras.parse_lora_string(text or "", session_id=session_id)
         if text and text.strip():
             raise InvalidRequestError("loras", text, "this server has no LoRA library")
         return ()

@@ -73,6 +73,8 @@ PORT = WholeSetting("GRADIO_SERVER_PORT", 7860, 1, 65535)
 # a GPU, none on the CPU, where each costs about a VAE decode: bench/results/live_preview.md).
 LIVE_PREVIEW_EVERY = WholeSetting("STENCIL_LIVE_PREVIEW_EVERY", -1, -1, 500)
 # 0: hotswap off (adapters loaded by name); otherwise the rank every slot is padded to.
+# Engines of a Ray Serve deployment that `--backend ray` starts (one GPU each).
+REPLICAS = WholeSetting("STENCIL_REPLICAS", 1, 1, 1024)
 LORA_HOTSWAP_RANK = WholeSetting("STENCIL_LORA_HOTSWAP_RANK", 0, 0, 1024)
 # A yes/no setting (`env_flag`), off unless the operator turns it on: users may add LoRAs
 # from the Hub by id (`--allow-hub-loras`). Each is a download this server makes on a
