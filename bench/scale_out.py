@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -84,13 +84,15 @@ def serve_all(label: str, run, requests: list, concurrency: int) -> Served:
     seconds = time.perf_counter() - began
     latencies = [latency for latency, _ in outcomes]
     runs = [outcome for _, outcome in outcomes if outcome is not None]
-    return Served(
-        label,
-        seconds,
-        latencies,
-        adapter_loads=sum(r.adapter_loads for r in runs) if runs else None,
-        set_loads=sum(r.set_loads for r in runs) if runs else None,
-    )
+    if not runs:
+        return Served(label, seconds, latencies)
+    # Each replica's totals (it started fresh): the largest it reported, summed.
+    files: dict[str, int] = {}
+    sets: dict[str, int] = {}
+    for run in runs:
+        files[run.replica] = max(files.get(run.replica, 0), run.adapter_loads_total)
+        sets[run.replica] = max(sets.get(run.replica, 0), run.set_loads_total)
+    return Served(label, seconds, latencies, sum(files.values()), sum(sets.values()))
 
 
 def plain_diffusers(requests: list, concurrency: int) -> Served:
@@ -116,24 +118,33 @@ def plain_diffusers(requests: list, concurrency: int) -> Served:
     return serve_all("plain diffusers (1 process)", run, requests, concurrency)
 
 
-def in_process(requests: list, concurrency: int) -> Served:
+def in_process(requests: list, concurrency: int, store_files: int) -> Served:
     from pipelines.engine import Engine
     from pipelines.families import FAMILIES
     from pipelines.service import StencilService
 
     engine = Engine(
-        FAMILIES["tiny"], cache_root=common.BENCH_CACHE, lora_folder=common.ROOT / "loras"
+        FAMILIES["tiny"],
+        cache_root=common.BENCH_CACHE,
+        lora_folder=common.ROOT / "loras",
+        lora_max_loaded=store_files,
     )
     service = StencilService(engine, common.BENCH_CACHE / "scale-out-outputs")
 
     def run(fields):
         service.generate(fields)
 
-    return serve_all("in-process engine", run, requests, concurrency)
+    served = serve_all(f"in-process engine, {store_files} LoRA files", run, requests, concurrency)
+    return replace(served, adapter_loads=engine.adapter_loads)
 
 
 def on_ray(
-    replicas: int, requests: list, concurrency: int, sets_per_replica: int, by_set: bool
+    replicas: int,
+    requests: list,
+    concurrency: int,
+    sets_per_replica: int,
+    by_set: bool,
+    with_controlnets: bool = False,
 ) -> Served:
     from ray import serve
 
@@ -151,11 +162,19 @@ def on_ray(
         num_cpus=2 / replicas,
         loras_per_set=1,
     )
-    backend = RayBackend(handle, lora_folder=common.ROOT / "loras", route_by_adapter_set=by_set)
+    backend = RayBackend(
+        handle,
+        lora_folder=common.ROOT / "loras",
+        route_by_adapter_set=by_set,
+        set_id_names_controlnets=with_controlnets,
+    )
     service = StencilService(backend, common.BENCH_CACHE / "scale-out-outputs")
     try:
         routing = "by adapter set" if by_set else "by load only"
-        label = f"Ray, {replicas} replica{'s' if replicas > 1 else ''}, {routing}"
+        if with_controlnets:
+            routing += ", ControlNets in the set id"
+        plural = "s" if replicas > 1 else ""
+        label = f"Ray, {replicas} replica{plural} of {sets_per_replica} sets, {routing}"
 
         def run(fields):
             return backend.generate_traced(service.build_request(fields))[1]
@@ -171,15 +190,16 @@ def p95(values: list[float]) -> float:
 
 def report(rows: list[Served], args, seconds: float) -> str:
     baseline = rows[0].throughput
-    one = next(r for r in rows if r.label.startswith("Ray, 1 replica,"))
-    two = next(r for r in rows if r.label.startswith("Ray, 2 replicas, by adapter"))
+    fits = args.sets_per_replica
+    one = next(r for r in rows if r.label.startswith(f"Ray, 1 replica of {fits} sets, by adapter"))
+    two = next(r for r in rows if r.label.startswith(f"Ray, 2 replicas of {fits} sets, by adapter"))
     table = common.markdown_table(
         [
             "served by",
             "images/s (vs plain)",
             "latency p50",
             "latency p95",
-            "LoRA file loads per 100",
+            "LoRA file loads per 100 requests",
             "set loads per 100",
         ],
         [
@@ -202,20 +222,27 @@ def report(rows: list[Served], args, seconds: float) -> str:
         "",
         *common.machine_lines("float32, tiny family, 64 px"),
         "",
-        f"{args.requests} seeded requests ({args.steps} steps; a LoRA from a pool of"
+        f"{args.requests} seeded requests ({args.steps} steps; one LoRA of a pool of"
         f" {len(LORA_POOL)} in 90%, a canny map in a third), {args.concurrency} in flight at"
-        f" a time. Each replica's adapter store holds {args.sets_per_replica} LoRA files, so"
-        f" {args.sets_per_replica} one-LoRA sets. Latency: from sending a request to its"
-        " images.",
+        " a time, the same for every row. A replica's adapter store holds N LoRA files, so N"
+        f" one-LoRA sets (`max_num_models_per_replica`): two replicas of {fits} hold the"
+        f" whole pool, two of {args.small_store} do not. Every engine runs one torch thread."
+        " Latency: from sending a request to its images. Loads: LoRA files put into a"
+        " model, and adapter sets Ray's multiplexer loaded, summed over the replicas. A"
+        " set's id names its LoRA files; the row with ControlNets in the id shows why it"
+        " does not name them too: a LoRA with and without a canny map become two sets.",
         "",
         table,
         "",
-        f"Scaling efficiency, 2 replicas vs 1 (both by adapter set): {efficiency:.2f}"
-        f" (throughput {common.ratio_text(two.throughput / one.throughput)}).",
+        f"Scaling, 2 replicas vs 1 (both routed by adapter set, {fits} sets each):"
+        f" {common.ratio_text(two.throughput / one.throughput)} the throughput, efficiency"
+        f" {efficiency:.2f}.",
         "",
-        "On this machine the two replicas, the front and Ray's own processes share 2 cores, so"
-        " the second replica adds little compute: what it does show is the routing. Loads"
-        " are LoRA files put into a model, summed over the replicas (`ReplicaResult`).",
+        "Read with care: one engine runs one torch thread, so one replica leaves the second"
+        " core to the front and Ray, and two replicas use both; on GPUs each replica has its"
+        " own device and the efficiency to expect is set by the front and the router, not by"
+        " shared cores. The plain diffusers baseline draws the same images' prompts without"
+        " LoRAs or maps.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -228,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=60)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--sets-per-replica", type=int, default=2)
+    parser.add_argument("--sets-per-replica", type=int, default=3)
+    parser.add_argument("--small-store", type=int, default=2)
     parser.add_argument("--seed", type=int, default=2026)
     args = parser.parse_args(argv)
     common.setup()
@@ -239,11 +267,23 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     began = time.perf_counter()
     requests = workload(args.requests, args.seed, args.steps)
-    rows = [plain_diffusers(requests, args.concurrency), in_process(requests, args.concurrency)]
+    fits, small = args.sets_per_replica, args.small_store
+    rows = [
+        plain_diffusers(requests, args.concurrency),
+        in_process(requests, args.concurrency, fits),
+    ]
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        for replicas, by_set in ((1, True), (2, True), (2, False)):
-            rows.append(on_ray(replicas, requests, args.concurrency, args.sets_per_replica, by_set))
+        for replicas, held, by_set, with_controlnets in (
+            (1, fits, True, False),
+            (2, fits, True, False),
+            (2, fits, False, False),
+            (2, fits, True, True),
+            (2, small, True, False),
+            (2, small, False, False),
+        ):
+            served = on_ray(replicas, requests, args.concurrency, held, by_set, with_controlnets)
+            rows.append(served)
             print(f"  {rows[-1].label}: {rows[-1].throughput:.2f} images/s", flush=True)
     finally:
         ray.shutdown()

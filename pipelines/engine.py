@@ -282,7 +282,7 @@ class Engine:
         return (every, decoder) if decoder.usable else (0, None)
 
     def _open_lora_library(
-        self, folder, hotswap_rank: int | None, allow_hub_loras: bool, max_loaded: int
+        self, folder, hotswap_rank: int | None, allow_hub_loras: bool, max_loaded: int = 16
     ):
         if not folder:
             return None

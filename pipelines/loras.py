@@ -195,6 +195,12 @@ class LoraLibrary:
         self.sources.use_signature(signature)
         self.store.bind(pipe, signature)
 
+    def check_against(self, signature: ModelSignature) -> None:
+        """Check files against a model that lives elsewhere (a Ray replica's), described by
+        its `signature`: uploads for another model are refused here, and the listing shows
+        each file's verdict, as on a server that holds the model."""
+        self.sources.use_signature(signature)
+
     def activate(
         self, pipe: Any, choices: Sequence[LoraChoice], session_id: str | None = None
     ) -> list[dict[str, Any]]:

@@ -8,13 +8,15 @@
 Routing. Ray's router sends a request that names a multiplexed model id to a replica that
 already holds that id, else to the replica holding the fewest ids, and each replica keeps at
 most `max_num_models_per_replica` ids, evicting the least recently used. The id we give it is
-the request's *adapter set*: what a replica must load before it can run the request, namely
-the LoRA files (an upload by content hash; a catalogue LoRA by name, since every replica
-serves the same catalogue) and the ControlNets. Weights are left out on purpose: a weight is
-set per request at no load cost, and an id per weight would scatter one set's users over
-replicas that each load the same files. A request with neither LoRAs nor controls names no
-id, so Ray balances it by load alone. A replica holds as many sets as its adapter store
-holds files (`sets_per_replica`).
+the request's *adapter set*: the LoRA files a replica must load before it can run the
+request (an upload by content hash; a catalogue LoRA by name, since every replica serves the
+same catalogue). Left out on purpose: the weights (set per request at no load cost; an id
+per weight would scatter one set's users over replicas that each load the same files) and,
+by default, the ControlNets. There are only as many ControlNets as control types, every
+replica keeps each one it has loaded, and naming them made "LoRA X" and "LoRA X with a canny
+map" two sets that evict each other (bench/results/scale_out.md measures both ways). A
+request without LoRAs names no id, so Ray balances it by load alone. A replica holds as
+many sets as its adapter store holds files (`sets_per_replica`).
 
 Control maps are made where the request lands. The detectors (pose, depth) are models that
 belong on the GPU beside the engine, the replica's map cache then serves that replica's
@@ -69,6 +71,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENGINE_APP = "stencil-engine"  # the Serve application that holds the replicas
+STENCIL_ROOT = Path(__file__).resolve().parent.parent
+# Engine options that may name a file or folder (sent to replicas as absolute paths).
+PATH_OPTIONS = ("model", "model_config", "vae", "lora_folder")
 # A set of this many LoRAs is what a replica's store is sized for; larger sets still run
 # (the store's own LRU then makes room), they just count as several.
 LORAS_PER_SET = 4
@@ -137,6 +142,8 @@ class ReplicaFacts:
     compat_tag: str
     union_ref: str | None
     sets_per_replica: int
+    # The model's LoRA-able layers, so the front checks uploads as a local server does.
+    lora_signature: Any = None
 
 
 @dataclass(frozen=True)
@@ -147,9 +154,14 @@ class ReplicaResult:
     recipe: Any
     warnings: tuple[str, ...]
     seconds: float
-    replica: str  # which replica ran it, and what it loaded for it (tests, benchmarks)
-    adapter_loads: int  # LoRA files put into the model for this request
-    set_loads: int  # adapter sets the multiplexer loaded for it (0 or 1)
+    replica: str  # which replica ran it, and what it loaded (tests, benchmarks)
+    # Loaded while this request ran there (LoRA files; adapter sets, 0 or 1): exact when
+    # requests come one at a time, and shared with its neighbours' when they overlap.
+    adapter_loads: int
+    set_loads: int
+    # The replica's own totals since it started, when this request ended.
+    adapter_loads_total: int = 0
+    set_loads_total: int = 0
 
 
 def adapter_set_id(lora_files: Sequence[str], controlnet_refs: Sequence[str]) -> str:
@@ -217,23 +229,18 @@ class StencilReplica:
     # ---- endpoints (each a handle method)
 
     def describe(self) -> ReplicaFacts:
+        from .lora_files import ModelSignature
+
         engine = self.engine
+        signature = ModelSignature.from_pipeline(engine.base) if engine.loras else None
         return ReplicaFacts(
             model_facts=dict(engine.model_facts),
             status=engine.status,
             compat_tag=engine.family.compat_tag,
             union_ref=engine.union_ref,
             sets_per_replica=self.sets_per_replica,
+            lora_signature=signature,
         )
-
-    def counters(self) -> dict[str, Any]:
-        return {
-            "replica": self.name,
-            "pid": os.getpid(),
-            "adapter_loads": self.engine.adapter_loads,
-            "set_loads": self.set_loads,
-            "held_sets": sorted(self._held),
-        }
 
     async def control_map(self, unit: ControlUnit) -> bytes:
         loop = asyncio.get_running_loop()
@@ -254,7 +261,6 @@ class StencilReplica:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         yield ("started", self.name, os.getpid())
-        # Counted per request (exact when requests come one at a time, as in tests).
         loads_before, sets_before = self.engine.adapter_loads, self.set_loads
         try:
             await loop.run_in_executor(None, self._adopt_uploads, call.uploads)
@@ -298,10 +304,13 @@ class StencilReplica:
             replica=self.name,
             adapter_loads=self.engine.adapter_loads - before[0],
             set_loads=self.set_loads - before[1],
+            adapter_loads_total=self.engine.adapter_loads,
+            set_loads_total=self.set_loads,
         )
 
     async def _load_adapter_set(self, set_id: str) -> _HeldSet:
-        plan = self._plans.pop(set_id)
+        # Read, not taken: a second request for a set still loading may ask again.
+        plan = self._plans[set_id]
         loop = asyncio.get_running_loop()
         hashes = await loop.run_in_executor(
             None, self.engine.prepare_adapters, plan.loras, plan.session_id, plan.controlnet_refs
@@ -313,6 +322,7 @@ class StencilReplica:
     def _release(self, set_id: str) -> None:
         """Ray evicted `set_id`: free its files, except those another held set uses."""
         hashes = self._held.pop(set_id, ())
+        self._plans.pop(set_id, None)
         still_held = {sha for other in self._held.values() for sha in other}
         self.engine.release_adapters([sha for sha in hashes if sha not in still_held])
 
@@ -397,8 +407,8 @@ def forwarded_env() -> dict[str, str]:
     """This process's settings that replicas on the same machine must share, and the
     code's own folder on their import path (a local cluster runs this checkout)."""
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    paths = (str(STENCIL_ROOT), os.environ.get("PYTHONPATH"))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     return env
 
 
@@ -448,6 +458,9 @@ def engine_app(args: Mapping[str, Any]):
         key: kind(args.pop(key, defaults.get(key, 8))) for key, kind in DEPLOYMENT_ARGS.items()
     }
     engine = {key: ENGINE_ARG_TYPES.get(key, _same)(value) for key, value in args.items()}
+    for key in PATH_OPTIONS:  # a config names Stencil's own folders relative to its root
+        if isinstance(engine.get(key), str) and (STENCIL_ROOT / engine[key]).exists():
+            engine[key] = str(STENCIL_ROOT / engine[key])
     for flag in ENGINE_FLAGS:
         if isinstance(engine.get(flag), str):
             engine[flag] = engine[flag].lower() in ("1", "true", "yes")
@@ -497,7 +510,8 @@ class RayBackend:
     """The service's backend on a Ray Serve deployment (`pipelines.backends.Backend`).
 
     The LoRA catalogue lives here (names, uploads, Hub LoRAs, thumbnails), with no model:
-    an upload's layers are checked against the model by the replica that first uses it."""
+    uploads are checked against the replicas' model from its signature, then again by
+    each replica that uses them."""
 
     def __init__(
         self,
@@ -509,11 +523,14 @@ class RayBackend:
         idle_timeout_s: float = 300.0,
         attempts: int = 2,
         route_by_adapter_set: bool = True,
+        set_id_names_controlnets: bool = False,
     ):
-        """`route_by_adapter_set=False`: Ray routes by load alone (what the scale-out
-        benchmark compares routing by set with)."""
+        """`route_by_adapter_set=False`: Ray routes by load alone. With
+        `set_id_names_controlnets`, a set's id names its ControlNets too. Both are there
+        for the scale-out benchmark, which measures why the defaults are what they are."""
         self.handle = handle
         self.route_by_adapter_set = route_by_adapter_set
+        self.set_id_names_controlnets = set_id_names_controlnets
         self.idle_timeout_s = idle_timeout_s
         self.attempts = attempts
         self.facts: ReplicaFacts = handle.describe.remote().result(timeout_s=idle_timeout_s)
@@ -527,6 +544,8 @@ class RayBackend:
                 allow_hub_loras=allow_hub_loras,
                 uploads_dir=uploads_dir,
             )
+            if self.facts.lora_signature is not None:
+                self.loras.check_against(self.facts.lora_signature)
         self.shelf = UploadShelf()
 
     @classmethod
@@ -607,7 +626,9 @@ class RayBackend:
         if request.seed is None:
             request = replace(request, seed=random_seed())
         entries = self._chosen_entries(request)
-        refs = tuple(self.controlnet_ref(unit) for unit in request.controls)
+        refs = ()
+        if self.set_id_names_controlnets:
+            refs = tuple(self.controlnet_ref(unit) for unit in request.controls)
         files = [entry.upload_sha256 or entry.name for entry, _ in entries]
         set_id = adapter_set_id(files, refs) if files or refs else ""
         adapter_set = AdapterSet(
@@ -735,9 +756,6 @@ class RayBackend:
         raise StencilError(REPLICA_LOST)
 
 
-PATH_OPTIONS = ("model", "model_config", "vae", "lora_folder")
-
-
 def _shut_down_on_sigterm() -> None:
     """SIGTERM (a container or Space stopping, a supervisor) exits through Python's
     shutdown, where Ray stops the local cluster it started; Python's default would skip it
@@ -761,13 +779,22 @@ def start_ray_backend(
     deploy/serve_config.yaml`), or deploy `replicas` of it: one GPU each where the cluster
     has GPUs, else one CPU each."""
     ray, serve = _ray()
-    if not ray.is_initialized():
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": forwarded_env()}
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address and address.startswith("ray://"):
+        # Ray Client cannot stream from a deployment, and progress, previews and Stop ride
+        # on the stream: the page must be a driver on a node of the cluster.
+        raise StencilError(
+            f"RAY_ADDRESS={address} is a Ray Client address, which cannot stream progress;"
+            " run the page on a node of the cluster (`ray start --address=<head>:6379`,"
+            " then RAY_ADDRESS=auto)"
         )
+    if not ray.is_initialized():
+        ray.init(address=address, runtime_env={"env_vars": forwarded_env()})
+        _shut_down_on_sigterm()
     options = dict(engine_options)
-    if options.get("lora_folder"):
-        options["lora_folder"] = str(Path(options["lora_folder"]).resolve())
+    for key in PATH_OPTIONS:  # replicas do not run in this folder: paths go absolute
+        if isinstance(options.get(key), str) and Path(options[key]).exists():
+            options[key] = str(Path(options[key]).resolve())
     try:
         handle = serve.get_app_handle(ENGINE_APP)
         log.info("using the running Serve application %r", ENGINE_APP)

@@ -46,3 +46,12 @@ def test_the_page_generates_on_ray_serve_replicas():
         assert recipe["loras"][0]["name"] == "tiny-ink"
     # Stopping the app (SIGTERM) takes its Ray cluster down with it.
     assert not _ray_processes()
+
+
+def test_a_ray_client_address_is_refused_with_the_reason(monkeypatch):
+    from pipelines.errors import StencilError
+    from pipelines.ray_backend import start_ray_backend
+
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    with pytest.raises(StencilError, match="Ray Client address, which cannot stream"):
+        start_ray_backend({"model": "tiny"}, replicas=1)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.errors import StencilError, UnknownNameError
+from pipelines.errors import LoraRejectedError, StencilError, UnknownNameError
 from pipelines.service import StencilService
 
 ray = pytest.importorskip("ray", reason="the Ray backend's tests need requirements-ray.txt")
@@ -148,6 +148,12 @@ def test_an_upload_follows_its_session_to_the_other_replica(
     with pytest.raises(UnknownNameError, match=name):  # past the front, to a replica
         ray_backend.run_call(RemoteCall(sneaked, AdapterSet("")))
 
+    # The front checks an upload against the replicas' model, as a local server does.
+    other_base = tmp_path / "for sdxl.safetensors"
+    shutil.copyfile(ROOT / "loras" / "tiny-xl-sketch-kohya.safetensors", other_base)
+    with pytest.raises(LoraRejectedError, match="for sdxl"):
+        ray_service.add_lora_upload(other_base, "session-a")
+
 
 def _round_robin_set_loads(sequence, replicas: int, held: int) -> int:
     """Adapter-set loads of plain round-robin routing, each replica keeping `held` sets
@@ -217,6 +223,17 @@ def test_twelve_mixed_requests_equal_the_single_process_server(
         assert remote.seeds == alone.seeds
 
 
+def test_both_backends_offer_the_service_the_same_seam(engine, ray_backend, ray_service):
+    from pipelines.backends import Backend
+
+    assert isinstance(engine, Backend) and isinstance(ray_backend, Backend)
+    assert ray_backend.model_facts == engine.model_facts
+    assert "Ray Serve" in ray_service.status()["device"]
+    # The front lists what a local server lists (names, pictures), from its own catalogue.
+    local = StencilService(engine)
+    assert ray_service.list_loras() == local.list_loras()
+
+
 def test_the_adapter_set_id_names_files_and_controlnets_not_weights_or_order():
     one = adapter_set_id(["a", "b"], ["canny"])
     assert one == adapter_set_id(["b", "a"], ["canny"])
@@ -236,7 +253,8 @@ def test_the_serve_config_builds_the_deployment(ray_backend):
     assert deployment.num_replicas == application["args"]["replicas"]
     assert deployment.ray_actor_options["num_gpus"] == 1
     engine_options, loras_per_set = deployment.init_args
-    assert engine_options == {"model": "auto", "lora_folder": "loras"}
+    # Stencil's own folders named relative to its root, which replicas do not run in.
+    assert engine_options == {"model": "auto", "lora_folder": str(ROOT / "loras")}
     assert loras_per_set == application["args"]["loras_per_set"]
 
 
@@ -269,6 +287,25 @@ def test_a_replica_killed_mid_request_gives_a_result_or_a_clear_error(
 
     after = ray_service.generate(_fields("a green square", 22))
     assert after.image_paths
+
+
+def test_stop_reaches_the_replica_and_the_next_request_runs(ray_backend, ray_service):
+    from pipelines.engine import CancelToken
+    from pipelines.errors import GenerationCancelled
+
+    token = CancelToken()
+    steps: list[int] = []
+
+    def progress(done: int, total: int, stage: str) -> None:
+        steps.append(done)
+        token.cancel()
+
+    request = ray_service.build_request(_fields("a red circle", 50, steps=100))
+    began = time.monotonic()
+    with pytest.raises(GenerationCancelled):
+        ray_backend.generate(request, progress=progress, cancel=token)
+    assert time.monotonic() - began < 30 and len(steps) < 100
+    assert ray_service.generate(_fields("a red circle", 51)).image_paths
 
 
 def _scale_under_load(cache_root, replicas: int, ray_backend, ray_service, requests: int = 6):
