@@ -77,6 +77,9 @@ PATH_OPTIONS = ("model", "model_config", "vae", "lora_folder")
 # A set of this many LoRAs is what a replica's store is sized for; larger sets still run
 # (the store's own LRU then makes room), they just count as several.
 LORAS_PER_SET = 4
+# Requests per replica (running or in its engine's queue) past which autoscaling adds one:
+# a GPU runs one batch at a time, so two means one running and one ready to go.
+TARGET_ONGOING_REQUESTS = 2
 # Sessions whose uploads a replica keeps registered; older ones are forgotten (their
 # files re-adopted from the object store if they come back).
 SESSIONS_PER_REPLICA = 64
@@ -383,18 +386,31 @@ def replica_deployment(
     num_gpus: float = 0,
     num_cpus: float = 1,
     max_ongoing_requests: int = 8,
+    max_replicas: int = 0,
     env: Mapping[str, str] | None = None,
 ):
     """The replica class as a Serve deployment. Several requests may be ongoing at one
-    replica: its engine's scheduler batches the ones that share a set and a size."""
+    replica: its engine's scheduler batches the ones that share a set and a size. With
+    `max_replicas` above `replicas`, Ray autoscales between the two, adding a replica
+    while each has more than `TARGET_ONGOING_REQUESTS` requests."""
     _, serve = _ray()
     actor_options: dict[str, Any] = {"num_gpus": num_gpus, "num_cpus": num_cpus}
     if env:
         actor_options["runtime_env"] = {"env_vars": dict(env)}
+    scaling: dict[str, Any] = {"num_replicas": replicas}
+    if max_replicas > replicas:
+        scaling = {
+            "num_replicas": None,
+            "autoscaling_config": {
+                "min_replicas": replicas,
+                "max_replicas": max_replicas,
+                "target_ongoing_requests": TARGET_ONGOING_REQUESTS,
+            },
+        }
     return serve.deployment(
         StencilReplica,
         name="StencilReplica",
-        num_replicas=replicas,
+        **scaling,
         max_ongoing_requests=max_ongoing_requests,
         ray_actor_options=actor_options,
         # A replica loads a model at start: give it time, then watch it.
@@ -442,6 +458,7 @@ DEPLOYMENT_ARGS = {
     "num_cpus": float,
     "loras_per_set": int,
     "max_ongoing_requests": int,
+    "max_replicas": int,
 }
 ENGINE_ARG_TYPES = {"lora_hotswap_rank": int, "lora_max_loaded": int, "live_preview_every": int}
 ENGINE_FLAGS = ("allow_hub_loras", "compile_unet")
@@ -450,13 +467,19 @@ ENGINE_FLAGS = ("allow_hub_loras", "compile_unet")
 def engine_app(args: Mapping[str, Any]):
     """The builder `serve run` and `serve deploy` call with the config's `args`
     (deploy/serve_config.yaml), or with `key=value` words on `serve run`'s command line:
-    `replicas`, `num_gpus`, `num_cpus`, `loras_per_set`, `max_ongoing_requests`; every
-    other key is an `Engine.start` option (model, lora_folder, controlnet, vae, ...)."""
+    `replicas`, `max_replicas` (above `replicas`: autoscale between them), `num_gpus`,
+    `num_cpus`, `loras_per_set`, `max_ongoing_requests`; every other key is an
+    `Engine.start` option (model, lora_folder, controlnet, vae, ...)."""
     args = dict(args or {})
-    defaults = {"replicas": 1, "num_gpus": 1, "num_cpus": 1, "loras_per_set": LORAS_PER_SET}
-    chosen = {
-        key: kind(args.pop(key, defaults.get(key, 8))) for key, kind in DEPLOYMENT_ARGS.items()
+    defaults = {
+        "replicas": 1,
+        "num_gpus": 1,
+        "num_cpus": 1,
+        "loras_per_set": LORAS_PER_SET,
+        "max_ongoing_requests": 8,
+        "max_replicas": 0,
     }
+    chosen = {key: kind(args.pop(key, defaults[key])) for key, kind in DEPLOYMENT_ARGS.items()}
     engine = {key: ENGINE_ARG_TYPES.get(key, _same)(value) for key, value in args.items()}
     for key in PATH_OPTIONS:  # a config names Stencil's own folders relative to its root
         if isinstance(engine.get(key), str) and (STENCIL_ROOT / engine[key]).exists():
@@ -469,6 +492,7 @@ def engine_app(args: Mapping[str, Any]):
         num_gpus=chosen["num_gpus"],
         num_cpus=chosen["num_cpus"],
         max_ongoing_requests=chosen["max_ongoing_requests"],
+        max_replicas=chosen["max_replicas"],
     )
     return deployment.bind(engine, chosen["loras_per_set"])
 
@@ -483,27 +507,36 @@ def _same(value: Any) -> Any:
 
 class UploadShelf:
     """Object-store references to uploaded files, by content hash: put once, read by any
-    replica. Bounded by bytes (least recently used dropped; put again when asked)."""
+    replica. Bounded by bytes (least recently used dropped; put again when asked); a file
+    the front has deleted (every session holding it closed) goes at the next upload's use."""
 
     def __init__(self, max_bytes: int = BUDGETS.lora_uploads_max_bytes):
         self.max_bytes = max_bytes
-        self._refs: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._refs: OrderedDict[str, tuple[Any, int, Path]] = OrderedDict()
         self._lock = threading.Lock()
 
     def ref(self, sha256: str, path: Path) -> Any:
         ray, _ = _ray()
         with self._lock:
+            for gone in [sha for sha, (_, _, held) in self._refs.items() if not held.exists()]:
+                del self._refs[gone]
             if sha256 in self._refs:
                 self._refs.move_to_end(sha256)
                 return self._refs[sha256][0]
             data = path.read_bytes()
             ref = ray.put(data)
-            self._refs[sha256] = (ref, len(data))
-            while sum(size for _, size in self._refs.values()) > self.max_bytes:
-                if len(self._refs) == 1:
-                    break
+            self._refs[sha256] = (ref, len(data), path)
+            while len(self._refs) > 1 and self.held_bytes() > self.max_bytes:
                 self._refs.popitem(last=False)
             return ref
+
+    def held_bytes(self) -> int:
+        return sum(size for _, size, _ in self._refs.values())
+
+    def held(self) -> list[str]:
+        """The content hashes on the shelf, least recently used first."""
+        with self._lock:
+            return list(self._refs)
 
 
 class RayBackend:
@@ -564,11 +597,10 @@ class RayBackend:
         return replace(self.facts.status, device=device)
 
     def control_map(self, unit: ControlUnit):
-        return png_image(
-            self._call(
-                lambda: self.handle.control_map.remote(unit).result(timeout_s=self.idle_timeout_s)
-            )
-        )
+        def ask():
+            return self.handle.control_map.remote(unit).result(timeout_s=self.idle_timeout_s)
+
+        return png_image(self._call(ask))
 
     def generate(
         self,
@@ -582,41 +614,18 @@ class RayBackend:
 
     def generate_traced(
         self,
-        request: GenerationRequest,
+        request: GenerationRequest | RemoteCall,
         *,
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
         preview: PreviewCallback | None = None,
         started: Callable[[str, int], None] | None = None,
     ) -> tuple[GenerationResult, ReplicaResult]:
-        """`generate`, and the replica's own account of it (which one ran it, its loads).
-        `started(replica, pid)`: called when a replica takes the request."""
-        return self.run_call(
-            self.remote_call(request),
-            progress=progress,
-            cancel=cancel,
-            preview=preview,
-            started=started,
-        )
-
-    def run_call(
-        self,
-        call: RemoteCall,
-        *,
-        progress: ProgressCallback | None = None,
-        cancel: CancelToken | None = None,
-        preview: PreviewCallback | None = None,
-        started: Callable[[str, int], None] | None = None,
-    ) -> tuple[GenerationResult, ReplicaResult]:
-        """Send one call (`remote_call`), once more if its replica dies under it."""
-        ray, _ = _ray()
-        lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
-        for attempt in range(1, self.attempts + 1):
-            try:
-                return self._generate_once(call, progress, cancel, preview, started)
-            except lost as exc:
-                log.warning("replica lost during a request (attempt %d): %s", attempt, exc)
-        raise StencilError(REPLICA_LOST)
+        """`generate`, and the replica's own account of it (which one ran it, its loads),
+        sent once more if its replica dies under it. A `RemoteCall` goes as it is (tests
+        send one the front would not make); `started(replica, pid)`: a replica took it."""
+        call = request if isinstance(request, RemoteCall) else self.remote_call(request)
+        return self._call(lambda: self._generate_once(call, progress, cancel, preview, started))
 
     def remote_call(self, request: GenerationRequest) -> RemoteCall:
         """The request with its seed fixed (a retry then makes the same image), its
@@ -747,12 +756,14 @@ class RayBackend:
             yield value
 
     def _call(self, fn: Callable[[], Any]) -> Any:
+        """`fn()`, run again when the replica running it dies (Ray has routed around it by
+        then); a clear error when it dies again."""
         ray, _ = _ray()
         for attempt in range(1, self.attempts + 1):
             try:
                 return fn()
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-                log.warning("replica lost during a map request (attempt %d): %s", attempt, exc)
+                log.warning("replica lost during a request (attempt %d): %s", attempt, exc)
         raise StencilError(REPLICA_LOST)
 
 

@@ -146,7 +146,7 @@ def test_an_upload_follows_its_session_to_the_other_replica(
         session_id="session-b",
     )
     with pytest.raises(UnknownNameError, match=name):  # past the front, to a replica
-        ray_backend.run_call(RemoteCall(sneaked, AdapterSet("")))
+        ray_backend.generate_traced(RemoteCall(sneaked, AdapterSet("")))
 
     # The front checks an upload against the replicas' model, as a local server does.
     other_base = tmp_path / "for sdxl.safetensors"
@@ -252,10 +252,32 @@ def test_the_serve_config_builds_the_deployment(ray_backend):
     assert deployment.name == "StencilReplica"
     assert deployment.num_replicas == application["args"]["replicas"]
     assert deployment.ray_actor_options["num_gpus"] == 1
+    autoscaled = engine_app({**application["args"], "max_replicas": 4})._bound_deployment
+    scaling = autoscaled._deployment_config.autoscaling_config  # Serve has no public view
+    assert (scaling.min_replicas, scaling.max_replicas) == (application["args"]["replicas"], 4)
     engine_options, loras_per_set = deployment.init_args
     # Stencil's own folders named relative to its root, which replicas do not run in.
     assert engine_options == {"model": "auto", "lora_folder": str(ROOT / "loras")}
     assert loras_per_set == application["args"]["loras_per_set"]
+
+
+def test_a_closed_session_s_upload_leaves_the_object_store(ray_backend, ray_service, tmp_path):
+    import hashlib
+
+    kept = tmp_path / "kept.safetensors"
+    shutil.copyfile(ROOT / "loras" / "tiny-outlined.safetensors", kept)
+    gone = ray_service.add_lora_upload(kept, "session-closing")["name"]
+    ray_service.generate(_fields("a red circle", 60, f"{gone}:1"), session_id="session-closing")
+    sha = hashlib.sha256(kept.read_bytes()).hexdigest()
+    assert sha in ray_backend.shelf.held()
+
+    ray_service.forget_session("session-closing")  # its file is deleted on the front
+    other = tmp_path / "other.safetensors"
+    shutil.copyfile(ROOT / "loras" / "tiny-faded.safetensors", other)
+    name = ray_service.add_lora_upload(other, "session-open")["name"]
+    ray_service.generate(_fields("a red circle", 61, f"{name}:1"), session_id="session-open")
+    assert sha not in ray_backend.shelf.held()
+    assert hashlib.sha256(other.read_bytes()).hexdigest() in ray_backend.shelf.held()
 
 
 def test_a_replica_killed_mid_request_gives_a_result_or_a_clear_error(
