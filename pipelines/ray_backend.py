@@ -774,8 +774,12 @@ def _shut_down_on_sigterm() -> None:
     import signal
     import sys
 
+    def exit_once(*_) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut it short
+        sys.exit(0)
+
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        signal.signal(signal.SIGTERM, exit_once)
 
 
 def start_ray_backend(
