@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -358,3 +359,28 @@ def test_scaling_replicas_down_and_up_under_load_loses_no_request(
     request = ray_service.build_request(_fields("a circle", 40, "tiny-neon:1, tiny-ink:1"))
     _, run = ray_backend.generate_traced(request)
     assert run.replica not in before and run.set_loads == 1
+
+
+class _SilentStream:
+    """A replica's stream that says one thing, then nothing: a hung or partitioned replica."""
+
+    def __init__(self):
+        self.cancelled = threading.Event()
+
+    def __iter__(self):
+        yield ("started", "replica-x", 1)
+        self.cancelled.wait(60)
+
+    def cancel(self):
+        self.cancelled.set()
+
+
+def test_a_silent_replica_ends_the_request_with_an_error_not_a_hang():
+    backend = object.__new__(RayBackend)  # no deployment: only the front's wait is tested
+    backend.idle_timeout_s = 0.5
+    stream = _SilentStream()
+    began = time.monotonic()
+    with pytest.raises(StencilError, match="sent nothing for"):
+        list(backend._events(stream, cancel=None))
+    assert time.monotonic() - began < 5
+    assert stream.cancelled.is_set()  # and the replica is told to stop
