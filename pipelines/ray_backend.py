@@ -81,7 +81,7 @@ LORAS_PER_SET = 4
 # a GPU runs one batch at a time, so two means one running and one ready to go.
 TARGET_ONGOING_REQUESTS = 2
 # Sessions whose uploads a replica keeps registered; older ones are forgotten (their
-# files re-adopted from the object store if they come back).
+# files adopted again from the object store if they come back).
 SESSIONS_PER_REPLICA = 64
 # The environment a replica needs from the process that deploys it (cache, offline, hub).
 FORWARDED_ENV_PREFIXES = ("STENCIL_", "HF_", "HUGGINGFACE_", "TORCH", "OMP_NUM_THREADS")
@@ -212,7 +212,8 @@ class StencilReplica:
         self.set_loads = 0
         self._plans: dict[str, AdapterSet] = {}
         self._held: dict[str, tuple[str, ...]] = {}  # set id -> its files' hashes
-        self._sessions: OrderedDict[str, None] = OrderedDict()
+        # Sessions whose uploads are registered here, least recently used first.
+        self._sessions: OrderedDict[str, set[tuple[str, str]]] = OrderedDict()
         self._sessions_lock = threading.Lock()
 
         # Wired here rather than on the class, because the bound comes from the store.
@@ -330,6 +331,9 @@ class StencilReplica:
         self.engine.release_adapters([sha for sha in hashes if sha not in still_held])
 
     def _adopt_uploads(self, uploads: Sequence[SharedUpload]) -> None:
+        """Register the request's uploads for its session here, once per session and file:
+        read from the object store, checked against their hash, then checked again as an
+        upload. Sessions not seen for longest make room, by count and by stored bytes."""
         if not uploads:
             return
         ray, _ = _ray()
@@ -337,21 +341,37 @@ class StencilReplica:
         if library is None:
             raise StencilError("this deployment's engines have no LoRA library")
         for upload in uploads:
+            key = (upload.sha256, upload.filename)
+            if key in self._adopted(upload.session_id):
+                continue
             data = ray.get(upload.data)
             if hashlib.sha256(data).hexdigest() != upload.sha256:
                 raise StencilError(f"the uploaded LoRA {upload.filename!r} arrived damaged")
+            self._make_room(len(data), keep=upload.session_id)
             library.adopt_upload(data, upload.filename, upload.session_id, hub=upload.hub)
-            self._keep_session(upload.session_id)
+            with self._sessions_lock:
+                self._sessions[upload.session_id].add(key)
 
-    def _keep_session(self, session_id: str) -> None:
+    def _adopted(self, session_id: str) -> set[tuple[str, str]]:
+        """The (hash, file name) pairs adopted for this session; marks it used now."""
         with self._sessions_lock:
-            self._sessions[session_id] = None
+            adopted = self._sessions.setdefault(session_id, set())
             self._sessions.move_to_end(session_id)
-            stale = []
-            while len(self._sessions) > SESSIONS_PER_REPLICA:
-                stale.append(self._sessions.popitem(last=False)[0])
-        for session in stale:
-            self.engine.loras.forget_session(session)
+            return set(adopted)
+
+    def _make_room(self, incoming: int, *, keep: str) -> None:
+        catalogue = self.engine.loras.catalogue
+        limit = catalogue.max_stored_bytes
+        while True:
+            with self._sessions_lock:
+                others = [s for s in self._sessions if s != keep]
+                too_many = len(self._sessions) > SESSIONS_PER_REPLICA
+                too_big = limit is not None and catalogue.stored_bytes() + incoming > limit
+                if not others or not (too_many or too_big):
+                    return
+                oldest = others[0]
+                del self._sessions[oldest]
+            self.engine.loras.forget_session(oldest)
 
 
 class _HeldSet:

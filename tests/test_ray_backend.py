@@ -139,6 +139,13 @@ def test_an_upload_follows_its_session_to_the_other_replica(
         np.asarray(first.images[0]), np.asarray(Image.open(base.image_paths[0]))
     )
 
+    # Back on the first replica, which has it registered already: the same image again.
+    again, again_run = ray_backend.generate_traced(
+        ray_service.build_request(_fields("a red circle", 5, f"{name}:1"), session_id="session-a")
+    )
+    assert again_run.replica == first_run.replica and again_run.set_loads == 0
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(first.images[0]))
+
     # Another session cannot name it, on the front or on any replica.
     with pytest.raises(UnknownNameError, match=name):
         ray_service.generate(_fields("a red circle", 5, f"{name}:1"), session_id="session-b")
