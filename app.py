@@ -20,6 +20,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options, each defaulting to its environment variable (read via pipelines.settings,
     which also holds every limit). A bad value stops here with a message naming it."""
     from pipelines import settings
+    from pipelines.backends import BACKENDS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 
@@ -105,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--backend",
-        choices=("local", "ray"),
+        choices=BACKENDS,
         default=settings.env_text("STENCIL_BACKEND", "local"),
         help="local: the model in this process; ray: engines on a Ray Serve cluster (the one "
         "at RAY_ADDRESS, else one started here), routed by LoRA set; needs "

@@ -254,6 +254,13 @@ def run_probe(script: Path, arguments: Sequence[str], *, timeout: float = 900) -
 # ---- reporting ----------------------------------------------------------------------------
 
 
+def percentile(values: Sequence[float], q: float) -> float:
+    """The `q`th percentile, linearly interpolated between the two nearest values."""
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values, dtype=float), q))
+
+
 def seconds_text(seconds: float) -> str:
     sign, seconds = ("-" if seconds < 0 else ""), abs(seconds)
     if seconds < 1e-3:

@@ -75,6 +75,7 @@ from common import (
     markdown_table,
     memory_growth,
     memory_snapshot,
+    percentile,
     pipeline_modules,
     ratio_text,
     seconds_text,
@@ -389,12 +390,6 @@ def pixel_difference(a, b) -> int:
     import numpy as np
 
     return int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max())
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    import numpy as np
-
-    return float(np.percentile(np.asarray(values, dtype=float), q))
 
 
 def warm_up_imports(size: Size, pipe) -> None:

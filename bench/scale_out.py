@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import random
-import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -184,10 +183,6 @@ def on_ray(
         serve.delete(ENGINE_APP)
 
 
-def p95(values: list[float]) -> float:
-    return statistics.quantiles(values, n=20)[-1] if len(values) > 1 else values[0]
-
-
 def report(rows: list[Served], args, seconds: float) -> str:
     baseline = rows[0].throughput
     fits = args.sets_per_replica
@@ -206,8 +201,8 @@ def report(rows: list[Served], args, seconds: float) -> str:
             (
                 r.label,
                 f"{r.throughput:.2f} ({common.ratio_text(r.throughput / baseline)})",
-                common.seconds_text(statistics.median(r.latencies)),
-                common.seconds_text(p95(r.latencies)),
+                common.seconds_text(common.percentile(r.latencies, 50)),
+                common.seconds_text(common.percentile(r.latencies, 95)),
                 "-" if r.adapter_loads is None else f"{100 * r.adapter_loads / args.requests:.1f}",
                 "-" if r.set_loads is None else f"{100 * r.set_loads / args.requests:.1f}",
             )

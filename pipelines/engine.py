@@ -510,12 +510,9 @@ class Engine:
     def _split_lora_tags(self, request: GenerationRequest):
         if self.loras is None:
             return request.prompt, request.loras
-        prompt, tagged = self.loras.extract_prompt_lora_tags(
-            request.prompt, session_id=request.session_id
+        return self.loras.request_choices(
+            request.prompt, request.loras, session_id=request.session_id
         )
-        chosen = {choice.name: choice for choice in tagged}
-        chosen.update({choice.name: choice for choice in request.loras})  # fields win
-        return prompt, tuple(chosen.values())
 
     def _activate_loras(self, loras, session_id: str | None) -> list[dict]:
         if self.loras is None:

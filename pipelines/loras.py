@@ -133,6 +133,16 @@ class LoraLibrary:
         """A1111-style `<lora:name:0.8>` tags -> (prompt without them, choices)."""
         return self.catalogue.extract_prompt_lora_tags(prompt, session_id=session_id)
 
+    def request_choices(
+        self, prompt: str, fields: Sequence[LoraChoice], *, session_id: str | None = None
+    ) -> tuple[str, tuple[LoraChoice, ...]]:
+        """The LoRAs a request uses: its prompt's `<lora:...>` tags and its fields, a field
+        winning over a tag of the same name; with the prompt the tags are taken out of."""
+        prompt, tagged = self.extract_prompt_lora_tags(prompt, session_id=session_id)
+        chosen = {choice.name: choice for choice in tagged}
+        chosen.update({choice.name: choice for choice in fields})
+        return prompt, tuple(chosen.values())
+
     # ---- uploads
 
     def add_upload(self, data: bytes, filename: str, session_id: str) -> LoraEntry:

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import GenerationCancelled, StencilError
+from .recipe import png_bytes
 from .settings import BUDGETS
 
 if TYPE_CHECKING:
@@ -174,12 +175,6 @@ def adapter_set_id(lora_files: Sequence[str], controlnet_refs: Sequence[str]) ->
         {"loras": sorted(set(lora_files)), "controlnets": sorted(set(controlnet_refs))}
     )
     return "set-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:20]
-
-
-def png_bytes(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def png_image(data: bytes):
@@ -601,12 +596,6 @@ class RayBackend:
                 self.loras.check_against(self.facts.lora_signature)
         self.shelf = UploadShelf()
 
-    @classmethod
-    def connect(cls, app_name: str = ENGINE_APP, **kwargs: Any) -> RayBackend:
-        """The backend on an application already running (`serve deploy`)."""
-        _, serve = _ray()
-        return cls(serve.get_app_handle(app_name), **kwargs)
-
     @property
     def model_facts(self) -> dict[str, int]:
         return self.facts.model_facts
@@ -683,17 +672,11 @@ class RayBackend:
         `<lora:...>` tags, as the engine will read them (the fields win)."""
         if self.loras is None:
             return []
-        _, tagged = self.loras.extract_prompt_lora_tags(
-            request.prompt, session_id=request.session_id
-        )
-        chosen = {choice.name: choice for choice in tagged}
-        chosen.update({choice.name: choice for choice in request.loras})
+        session = request.session_id
+        _, chosen = self.loras.request_choices(request.prompt, request.loras, session_id=session)
         return [
-            (
-                self.loras.catalogue.resolve(choice.name, session_id=request.session_id),
-                choice.weight,
-            )
-            for choice in chosen.values()
+            (self.loras.catalogue.resolve(choice.name, session_id=session), choice.weight)
+            for choice in chosen
             if choice.weight != 0
         ]
 
@@ -740,7 +723,6 @@ class RayBackend:
         """The stream's events, read by a helper thread so that a quiet replica or a
         Stop ends the wait (Ray's stream has no timeout of its own)."""
         inbox: queue.Queue = queue.Queue()
-        done = object()
 
         def read() -> None:
             try:
@@ -748,7 +730,7 @@ class RayBackend:
                     inbox.put(("event", event))
             except BaseException as exc:  # handed to the caller's thread
                 inbox.put(("raised", exc))
-            inbox.put(("end", done))
+            inbox.put(("end", None))
 
         threading.Thread(target=read, daemon=True, name="stencil-ray-stream").start()
         waited = 0.0

@@ -285,8 +285,13 @@ def png_bytes_with_recipe(image, recipe: Recipe) -> bytes:
     info = PngInfo()
     info.add_itxt(RECIPE_KEY, recipe.to_json())
     info.add_itxt("parameters", a1111_parameters(recipe))
+    return png_bytes(image, pnginfo=info)
+
+
+def png_bytes(image, *, pnginfo=None) -> bytes:
+    """The image as PNG file bytes (with `pnginfo`'s text chunks when given)."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
+    image.save(buffer, format="PNG", pnginfo=pnginfo)
     return buffer.getvalue()
 
 

@@ -11,7 +11,6 @@ the one edge the UI has.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from .controls import empty_map_note
 from .errors import ImageError, InvalidRequestError, StencilError, megabytes
 from .form import FormField, ParsedUnit, form_fields, parse_form, suffix, values_from_recipe
-from .recipe import Recipe, RecipeError, png_bytes_with_recipe
+from .recipe import Recipe, RecipeError, png_bytes, png_bytes_with_recipe
 from .settings import BUDGETS, Budgets, cache_dir
 from .storage import BoundedFolder
 
@@ -282,12 +281,7 @@ class StencilService:
         return ()
 
     def _write_png(self, image, recipe: Recipe | None, *, prefix: str) -> str:
-        if recipe is not None:
-            data = png_bytes_with_recipe(image, recipe)
-        else:
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            data = buffer.getvalue()
+        data = png_bytes(image) if recipe is None else png_bytes_with_recipe(image, recipe)
         # Content-addressed names: no user text ever becomes part of a path.
         name = f"{prefix}-{hashlib.sha256(data).hexdigest()[:16]}.png"
         return str(self.outputs.write(name, data))
