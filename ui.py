@@ -1102,7 +1102,8 @@ EXAMPLES = [
     ["a dancer on a stage, dramatic light", "figure.png", "pose", "canny"],
     ["a tunnel of light, photo", "tunnel.png", "depth", "canny"],
 ]
-# The offline tiny model draws only what it was trained on: prompts and maps it knows.
+# The offline tiny models draw only what they were trained on: prompts and maps they know.
+TINY_FAMILIES = ("tiny", "tiny-xl")
 TINY_EXAMPLES = [
     ["a green square on a white background", "tiny-square.png", "canny", "canny"],
     ["a yellow triangle on a black background", "tiny-triangle-depth.png", "image", "depth"],
@@ -1180,7 +1181,7 @@ def _wire_send_to_units(units, gallery, maps, recipe, picked_result, picked_map,
 
 
 def _examples(prompt, unit: ControlUnitView, family: str):
-    rows = TINY_EXAMPLES if family == "tiny" else EXAMPLES
+    rows = TINY_EXAMPLES if family in TINY_FAMILIES else EXAMPLES
     present = [
         [text, str(EXAMPLES_DIR / image), control, map_type]
         for text, image, control, map_type in rows

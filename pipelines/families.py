@@ -119,17 +119,33 @@ class ModelFamily:
         return getattr(diffusers, ARCHITECTURES[self.architecture][kind])
 
 
-def _tiny_about() -> str:
+def _what_tiny_draws(model: str) -> str:
     from .tiny import TINY_COLOURS, TINY_SHAPES
 
     def listed(words, last):
         return ", ".join(words[:-1]) + f" {last} " + words[-1]
 
     return (
-        f"The built-in tiny model draws one {listed(TINY_SHAPES[:-1] + ('stick figure',), 'or')}"
+        f"The built-in {model} draws one {listed(TINY_SHAPES[:-1] + ('stick figure',), 'or')}"
         f" in {listed(TINY_COLOURS, 'or')} on a plain background, at 64 px: try "
-        '"a red circle on a blue background". Canny, depth and pose maps place it; the '
-        "tiny-inverted and tiny-outlined LoRAs restyle it."
+        '"a red circle on a blue background".'
+    )
+
+
+def _tiny_about() -> str:
+    return (
+        _what_tiny_draws("tiny model")
+        + " Canny, depth and pose maps place it; the tiny-inverted and tiny-outlined LoRAs"
+        " restyle it."
+    )
+
+
+def _tiny_xl_about() -> str:
+    return (
+        _what_tiny_draws("tiny SDXL model")
+        + " Canny, depth and pose maps place it, through their own SDXL ControlNets or the"
+        " one ControlNet Union model; its LoRA (tiny-xl-sketch-kohya) is untrained and only"
+        " changes the picture."
     )
 
 
@@ -168,17 +184,13 @@ FAMILIES: dict[str, ModelFamily] = {
         ),
         ModelFamily(
             name="tiny-xl",
-            label="Stencil tiny XL (offline SDXL-shaped model, random weights)",
+            label="Stencil tiny XL (offline SDXL-shaped model trained on shapes)",
             base_id="stencil-tiny-xl",
             architecture="sdxl",
             default_size=64,
             compat_tag="tiny-xl",
             builder="pipelines.tiny_xl:ensure_tiny_xl_family",
-            about=(
-                "The built-in tiny SDXL model has random weights: it runs every SDXL path"
-                " (two text encoders, size conditioning, SDXL ControlNets and ControlNet"
-                " Union, SDXL LoRAs) but draws patterns, not pictures."
-            ),
+            about=_tiny_xl_about(),
         ),
     )
 }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -62,49 +63,64 @@ TINY_SIZE = SDFamilySize(
 )
 
 
-# The cache folder of each trained version is this plus its manifest's digest; one
-# version is kept: the others are removed when the current one is made sure of.
-TINY_FOLDER_PREFIX = "tiny-sd-"
+@dataclass(frozen=True)
+class TrainedWeights:
+    """A family trained by `tiny_training/`, kept in this repository, and its cache copy.
+
+    The cache folder of each trained version is `cache_prefix` plus its manifest's digest,
+    so weights trained again land in a new folder and an old copy is never reused; one
+    version is kept: the others are removed when the current one is made sure of.
+    """
+
+    folder: Path  # in the repository, as the trainer writes it
+    cache_prefix: str
+    trainer: str  # the module that writes `folder`
+
+    def cache_dir(self, cache_root: Path) -> Path:
+        try:
+            digest = hashlib.sha256((self.folder / MANIFEST_NAME).read_bytes()).hexdigest()[:12]
+        except OSError:
+            raise ModelLoadError(self._damaged("its manifest is missing")) from None
+        return Path(cache_root) / f"{self.cache_prefix}{digest}"
+
+    def ensure(self, cache_root: Path) -> Path:
+        """The family's cache folder, copying the trained weights there first if needed.
+
+        Copied aside and renamed into place, so a crash or a concurrent copy never leaves a
+        half-written model that later loads; checked against its manifest of file digests on
+        every call, so a damaged copy (a file deleted, truncated or zeroed) is copied again.
+        """
+        folder = build_verified(self.cache_dir(cache_root), self.write_copy)
+        prune_superseded(folder, self.cache_prefix)
+        return folder
+
+    def write_copy(self, folder: Path) -> None:
+        """Copy the trained family, file by file, after checking the repository's is whole."""
+        problem = manifest_problem(self.folder)
+        if problem is not None:
+            raise ModelLoadError(self._damaged(problem))
+        shutil.copytree(
+            self.folder, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST_NAME)
+        )
+
+    def _damaged(self, problem: str) -> str:
+        return (
+            f"the trained weights in models/{self.folder.name} are damaged: {problem}. "
+            f"Restore them from the repository, or run `python -m {self.trainer}`."
+        )
+
+
+TINY_WEIGHTS = TrainedWeights(TRAINED_TINY_DIR, "tiny-sd-", "tiny_training.train")
+TINY_FOLDER_PREFIX = TINY_WEIGHTS.cache_prefix
 
 
 def tiny_family_dir(cache_root: Path) -> Path:
-    """The cache folder for the trained weights: named by their manifest's digest, so weights
-    trained again land in a new folder and an old copy is never reused."""
-    manifest = TRAINED_TINY_DIR / MANIFEST_NAME
-    try:
-        digest = hashlib.sha256(manifest.read_bytes()).hexdigest()[:12]
-    except OSError:
-        raise ModelLoadError(_missing_weights("its manifest is missing")) from None
-    return Path(cache_root) / f"{TINY_FOLDER_PREFIX}{digest}"
+    return TINY_WEIGHTS.cache_dir(cache_root)
 
 
 def ensure_tiny_family(cache_root: Path) -> Path:
-    """Return the tiny family's folder, copying the trained weights there first if needed.
-
-    Copied aside and renamed into place, so a crash or a concurrent copy never leaves a
-    half-written model that later loads; checked against its manifest of file digests on
-    every call, so a damaged copy (a file deleted, truncated or zeroed) is copied again.
-    """
-    folder = build_verified(tiny_family_dir(cache_root), write_tiny_family)
-    prune_superseded(folder, TINY_FOLDER_PREFIX)
-    return folder
-
-
-def write_tiny_family(folder: Path) -> None:
-    """Copy the trained family, file by file, after checking the repository's copy is whole."""
-    problem = manifest_problem(TRAINED_TINY_DIR)
-    if problem is not None:
-        raise ModelLoadError(_missing_weights(problem))
-    shutil.copytree(
-        TRAINED_TINY_DIR, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST_NAME)
-    )
-
-
-def _missing_weights(problem: str) -> str:
-    return (
-        f"the tiny family's trained weights (models/stencil-tiny) are damaged: {problem}. "
-        "Restore them from the repository, or run `python -m tiny_training.train`."
-    )
+    """The tiny family's verified cache folder (`TrainedWeights.ensure`)."""
+    return TINY_WEIGHTS.ensure(cache_root)
 
 
 def build_tiny_components() -> dict[str, Any]:

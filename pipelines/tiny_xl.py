@@ -12,14 +12,14 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from .atomic_folder import build_verified, prune_superseded
-from .sdxl_builder import SDXLFamilySize, write_sdxl_family
-from .tiny import CONTROL_TYPES_WITH_TINY_CONTROLNET, TINY_SIZE
+from .sdxl_builder import SDXLFamilySize
+from .tiny import TINY_SIZE, TrainedWeights
 
-# Bump when the builder or the sizes change: the cache folder is named by it, so an old
-# build is never reused for a new one.
-TINY_XL_VERSION = 1
-TINY_XL_FOLDER_PREFIX = "tiny-xl-v"  # + the version; older versions' folders are removed
+# The trained weights, as `python -m tiny_training.train_xl` writes them.
+TRAINED_TINY_XL_DIR = Path(__file__).resolve().parents[1] / "models" / "stencil-tiny-xl"
+# The prefix also matches the folders of the untrained builds before it ("tiny-xl-v1"),
+# which are removed as superseded.
+TINY_XL_WEIGHTS = TrainedWeights(TRAINED_TINY_XL_DIR, "tiny-xl-", "tiny_training.train_xl")
 
 TINY_XL_SIZE = SDXLFamilySize(
     sd=replace(TINY_SIZE, seed=20261202, vae_scaling_factor=0.13025),
@@ -33,15 +33,9 @@ TINY_XL_SIZE = SDXLFamilySize(
 
 
 def tiny_xl_family_dir(cache_root: Path) -> Path:
-    return Path(cache_root) / f"{TINY_XL_FOLDER_PREFIX}{TINY_XL_VERSION}"
+    return TINY_XL_WEIGHTS.cache_dir(cache_root)
 
 
 def ensure_tiny_xl_family(cache_root: Path) -> Path:
-    """The family's folder, built first if missing or damaged (checked by its manifest)."""
-    folder = build_verified(tiny_xl_family_dir(cache_root), write_tiny_xl_family)
-    prune_superseded(folder, TINY_XL_FOLDER_PREFIX)
-    return folder
-
-
-def write_tiny_xl_family(folder: Path) -> None:
-    write_sdxl_family(folder, TINY_XL_SIZE, CONTROL_TYPES_WITH_TINY_CONTROLNET)
+    """The tiny SDXL family's verified cache folder (`TrainedWeights.ensure`)."""
+    return TINY_XL_WEIGHTS.ensure(cache_root)

@@ -1,9 +1,9 @@
 """SDXL on the built-in tiny SDXL family: every feature through the same engine.
 
-The tiny SDXL model has random weights, so these tests assert what changes and what is
-restored (a LoRA changes the image, weight 0 gives the base back bit for bit, a control
-map changes it), never what it draws: drawing is the trained tiny family's
-(tests/test_adherence.py).
+These tests assert the SDXL code paths: what changes and what is restored (a LoRA changes
+the image, weight 0 gives the base back bit for bit, a control map changes it). What the
+trained tiny SDXL model draws, and how its ControlNets and the Union model steer it, is
+measured in tests/test_adherence.py.
 """
 
 from __future__ import annotations

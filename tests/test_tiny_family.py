@@ -96,3 +96,61 @@ def test_folders_of_superseded_tiny_builds_are_removed(tmp_path, tiny_family):
     assert ensure_tiny_family(cache) == cache / tiny_family.name
     left = sorted(p.name for p in cache.iterdir())
     assert left == sorted([".staging-tiny-sd-abc", "outputs", "tiny-xl-v0", tiny_family.name])
+
+
+# ---- the tiny SDXL family, trained by tiny_training/train_xl.py -------------------------
+
+
+def test_the_tiny_xl_cache_holds_its_repository_weights_file_for_file(tmp_path):
+    from pipelines.tiny_xl import TRAINED_TINY_XL_DIR, ensure_tiny_xl_family
+
+    folder = ensure_tiny_xl_family(tmp_path)
+    assert _digests(folder) == _digests(TRAINED_TINY_XL_DIR)
+    names = list(_digests(folder))
+    assert not any(name.endswith((".bin", ".pt", ".pth", ".ckpt")) for name in names)
+    for controlnet in (
+        "controlnet-canny",
+        "controlnet-depth",
+        "controlnet-pose",
+        "controlnet-union",
+    ):
+        assert f"{controlnet}/diffusion_pytorch_model.safetensors" in names
+
+
+def test_the_tiny_xl_weights_are_trained_and_keep_the_sdxl_architecture():
+    from diffusers import UNet2DConditionModel
+
+    from pipelines.sdxl_builder import build_sdxl_unet
+    from pipelines.tiny_xl import TINY_XL_SIZE, TRAINED_TINY_XL_DIR
+
+    untrained = build_sdxl_unet(TINY_XL_SIZE).state_dict()
+    trained = UNet2DConditionModel.from_pretrained(TRAINED_TINY_XL_DIR / "unet").state_dict()
+    assert {k: tuple(v.shape) for k, v in untrained.items()} == {
+        k: tuple(v.shape) for k, v in trained.items()
+    }
+    # The size embedding is SDXL's own: not in the SD run it starts from, and trained here.
+    key = "add_embedding.linear_1.weight"
+    assert not torch.equal(untrained[key], trained[key])
+
+
+def test_the_tiny_xl_vae_is_the_tiny_vae_at_sdxl_scale():
+    """The same pictures from the same scaled latents: only the latent scale differs, so
+    the UNet sees unit-variance latents at SDXL's 0.13025 as the tiny UNet does at its own."""
+    from diffusers import AutoencoderKL
+
+    from pipelines.tiny_xl import TRAINED_TINY_XL_DIR
+    from tiny_training import scenes, train
+
+    sd = AutoencoderKL.from_pretrained(TRAINED_TINY_DIR / "vae").eval()
+    xl = AutoencoderKL.from_pretrained(TRAINED_TINY_XL_DIR / "vae").eval()
+    assert xl.config.scaling_factor == 0.13025 != sd.config.scaling_factor
+    x = train.to_tensor(scenes.render(s) for s in scenes.random_scenes(4, 9)) * 2 - 1
+    with torch.no_grad():
+        sd_latents = sd.encode(x).latent_dist.mean * sd.config.scaling_factor
+        xl_latents = xl.encode(x).latent_dist.mean * xl.config.scaling_factor
+        assert torch.allclose(sd_latents, xl_latents, atol=1e-4)
+        pictures = [
+            vae.decode(z / vae.config.scaling_factor).sample
+            for vae, z in ((sd, sd_latents), (xl, xl_latents))
+        ]
+    assert (pictures[0] - pictures[1]).abs().max() < 1e-3

@@ -1,6 +1,7 @@
 """Measure the trained tiny family's adherence: prompts, guidance, controls and LoRA styles.
 
     python -m tiny_training.evaluate [--samples 48] [--folder models/stencil-tiny]
+    python -m tiny_training.evaluate --family tiny-xl   # the SDXL-shaped one, both ControlNet kinds
 
 Generates with plain diffusers pipelines loaded from the folder (the app's defaults: Euler a,
 20 steps, guidance 7), on seeded random scenes, and prints one line per measure: with and
@@ -44,6 +45,50 @@ def load(folder: Path):
         pipe.set_progress_bar_config(disable=True)
         controlled[kind] = pipe
     return base, controlled
+
+
+def load_xl(folder: Path):
+    """The tiny SDXL family: its base, a pipeline per control type with that type's
+    ControlNet, and the same with the one ControlNet Union model in that type's mode."""
+    import torch
+    from diffusers import (
+        ControlNetModel,
+        ControlNetUnionModel,
+        EulerAncestralDiscreteScheduler,
+        StableDiffusionXLControlNetPipeline,
+        StableDiffusionXLControlNetUnionPipeline,
+        StableDiffusionXLPipeline,
+    )
+
+    from pipelines.controls import union_mode
+    from pipelines.sdxl_builder import UNION_FOLDER
+
+    torch.set_num_threads(2)
+    base = StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
+    base.scheduler = EulerAncestralDiscreteScheduler.from_config(base.scheduler.config)
+    base.set_progress_bar_config(disable=True)
+    union = ControlNetUnionModel.from_pretrained(folder / UNION_FOLDER)
+    by_union = StableDiffusionXLControlNetUnionPipeline.from_pipe(base, controlnet=union)
+    by_union.set_progress_bar_config(disable=True)
+    controlled, unioned = {}, {}
+    for kind in ("canny", "depth", "pose"):
+        controlnet = ControlNetModel.from_pretrained(folder / f"controlnet-{kind}")
+        pipe = StableDiffusionXLControlNetPipeline.from_pipe(base, controlnet=controlnet)
+        pipe.set_progress_bar_config(disable=True)
+        controlled[kind] = pipe
+        unioned[kind] = _UnionAs(by_union, union_mode(kind, {}))
+    return base, controlled, unioned
+
+
+class _UnionAs:
+    """The union pipeline called as a one-control pipeline is: `image` is its one map, in
+    the mode of one control type."""
+
+    def __init__(self, pipe, mode: int) -> None:
+        self.pipe, self.mode = pipe, mode
+
+    def __call__(self, prompt, *, image, **options):
+        return self.pipe(prompt, control_image=[image], control_mode=[self.mode], **options)
 
 
 def generate(pipe, prompt: str, seed: int, *, guidance=GUIDANCE, image=None, steps=STEPS):
@@ -121,13 +166,19 @@ def lora_effects(base, canny_pipe, made: list[scenes.Scene], lora_folder: Path) 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--folder", type=Path, default=ROOT / "models" / "stencil-tiny")
+    parser.add_argument("--family", choices=("tiny", "tiny-xl"), default="tiny")
+    parser.add_argument("--folder", type=Path, help="default: the family's models/ folder")
     parser.add_argument("--loras", type=Path, default=ROOT / "loras")
     parser.add_argument("--samples", type=int, default=48)
     parser.add_argument("--only", default="prompt,guidance,canny,depth,pose,loras")
     args = parser.parse_args(argv)
-    base, controlled = load(args.folder)
     only = args.only.split(",")
+    unioned = {}
+    if args.family == "tiny-xl":
+        base, controlled, unioned = load_xl(args.folder or ROOT / "models" / "stencil-tiny-xl")
+        only = [name for name in only if name != "loras"]  # no LoRA trained for it
+    else:
+        base, controlled = load(args.folder or ROOT / "models" / "stencil-tiny")
     n = args.samples
     report = {}
     if "prompt" in only:
@@ -146,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
             made = scenes.random_scenes(n, SCENE_SEED, figure=True if kind == "pose" else None)
             report[kind] = control_adherence(base, controlled[kind], kind, made)
             print(json.dumps({kind: report[kind]}), flush=True)
+            if kind in unioned:
+                report[f"{kind} by union"] = control_adherence(base, unioned[kind], kind, made)
+                print(json.dumps({f"{kind} by union": report[f"{kind} by union"]}), flush=True)
     if "loras" in only:
         report["loras"] = lora_effects(
             base, controlled["canny"], scenes.random_scenes(n, SCENE_SEED, figure=False), args.loras

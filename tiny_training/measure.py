@@ -50,6 +50,11 @@ def inverted_palette() -> dict[str, tuple[int, int, int]]:
     return {name: tuple(255 - c for c in rgb) for name, rgb in scenes.COLOURS.items()}
 
 
+def colour_distance(a, b) -> float:
+    """RGB distance: 0 for the same colour, 441 from black to white."""
+    return _distance(a, b)
+
+
 def _distance(a, b) -> float:
     return float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64)))
 
