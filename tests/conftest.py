@@ -16,6 +16,14 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["STENCIL_CACHE_DIR"] = str(TEST_CACHE)
 os.environ.setdefault("GRADIO_TEMP_DIR", str(ROOT / ".cache" / "gradio"))
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".cache" / "inductor"))
+# One intra-op thread, in this process and in the apps and Ray workers it starts (they inherit
+# it, and a thread count changes rounding, so their images match this process's). The tiny
+# models' operations are too small to share: one thread draws a tiny image in 0.27 s against
+# 0.46 s on two. And OpenMP gives each thread that runs torch its own team of helpers: with
+# several engines in one process (tests make many) and two threads each, there are more
+# helpers than cores, OpenMP stops spinning between operations, and every image took 3-4x
+# as long (tiny-xl: 1.9 s against 0.37 s).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 

@@ -280,6 +280,25 @@ def test_sixteen_clients_with_mixed_loras_and_controls_each_get_their_solo_image
     assert len({a for a in alone}) == 16
 
 
+def test_in_a_shared_pass_each_image_draws_its_own_prompt(batching):
+    """Not only the same bytes as alone: a batch whose members asked for different colours
+    gives each member its own colours, as often as the model draws them alone (a pass that
+    mixed up its members' prompts would score near chance, 1/6)."""
+    from test_adherence import COLOUR_MIN
+
+    from tiny_training import measure, scenes
+
+    made = scenes.random_scenes(16, 505, figure=False)
+    requests = [request(scene.caption, seed=i, steps=20) for i, scene in enumerate(made)]
+    runs_before = batching.scheduler.stats.runs
+    results = together(batching, requests)
+    assert batching.scheduler.stats.runs - runs_before <= 4  # four passes of four
+    accuracy = measure.prompt_accuracy(
+        (result.images[0], scene) for result, scene in zip(results, made)
+    )
+    assert accuracy["colour"] >= COLOUR_MIN, accuracy
+
+
 def test_batches_equal_the_default_engine_where_shapes_agree(batching, engine):
     """Padding is invisible: batching on or off, a lone request is the same image up to
     the batch kernels' rounding, never another picture."""
