@@ -29,15 +29,12 @@ def load(folder: Path):
     import torch
     from diffusers import (
         ControlNetModel,
-        EulerAncestralDiscreteScheduler,
         StableDiffusionControlNetPipeline,
         StableDiffusionPipeline,
     )
 
     torch.set_num_threads(2)
-    base = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
-    base.scheduler = EulerAncestralDiscreteScheduler.from_config(base.scheduler.config)
-    base.set_progress_bar_config(disable=True)
+    base = _as_the_app_runs(StableDiffusionPipeline.from_pretrained(folder, safety_checker=None))
     controlled = {}
     for kind in ("canny", "depth", "pose"):
         controlnet = ControlNetModel.from_pretrained(folder / f"controlnet-{kind}")
@@ -47,6 +44,15 @@ def load(folder: Path):
     return base, controlled
 
 
+def _as_the_app_runs(pipe):
+    """The app's default sampler (Euler a) on `pipe`, and no progress bars."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def load_xl(folder: Path):
     """The tiny SDXL family: its base, a pipeline per control type with that type's
     ControlNet, and the same with the one ControlNet Union model in that type's mode."""
@@ -54,7 +60,6 @@ def load_xl(folder: Path):
     from diffusers import (
         ControlNetModel,
         ControlNetUnionModel,
-        EulerAncestralDiscreteScheduler,
         StableDiffusionXLControlNetPipeline,
         StableDiffusionXLControlNetUnionPipeline,
         StableDiffusionXLPipeline,
@@ -64,9 +69,9 @@ def load_xl(folder: Path):
     from pipelines.sdxl_builder import UNION_FOLDER
 
     torch.set_num_threads(2)
-    base = StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
-    base.scheduler = EulerAncestralDiscreteScheduler.from_config(base.scheduler.config)
-    base.set_progress_bar_config(disable=True)
+    base = _as_the_app_runs(
+        StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
+    )
     union = ControlNetUnionModel.from_pretrained(folder / UNION_FOLDER)
     by_union = StableDiffusionXLControlNetUnionPipeline.from_pipe(base, controlnet=union)
     by_union.set_progress_bar_config(disable=True)

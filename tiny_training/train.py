@@ -171,17 +171,12 @@ def train_base(plan: Plan, seed: int, vae, log) -> dict:
     empty = caption_index[""]
 
     modules = [unet, text_encoder, *controlnets.values()]
-    for module in modules:
-        module.train()
-    parameters = [p for module in modules for p in module.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=1e-4)
-    schedule = _cosine(optimizer, plan.base_steps, warmup=200)
+    parameters, optimizer, schedule, average = joint_training(modules, plan.base_steps)
     rng = np.random.default_rng(seed + 22)
     generator = torch.Generator().manual_seed(seed + 23)
     modes = ("none", "canny", "depth", "pose")
     # Colours come only from the caption in every mode; the shape too when no map is given.
     mode_odds = (0.34, 0.24, 0.24, 0.18)
-    average = WeightAverage(parameters)
     running = {mode: [] for mode in modes}
     for step in range(plan.base_steps):
         mode = str(rng.choice(modes, p=mode_odds))
@@ -212,6 +207,17 @@ def train_base(plan: Plan, seed: int, vae, log) -> dict:
     for module in modules:
         module.eval()
     return {**components, "controlnets": controlnets}
+
+
+def joint_training(modules, steps: int):
+    """The base stage's optimiser over every weight of `modules` (put in training mode): the
+    weights, AdamW, its warm-up and cosine schedule, and the weight average that is saved."""
+    for module in modules:
+        module.train()
+    parameters = [p for module in modules for p in module.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=1e-4)
+    schedule = _cosine(optimizer, steps, warmup=200)
+    return parameters, optimizer, schedule, WeightAverage(parameters)
 
 
 class WeightAverage:

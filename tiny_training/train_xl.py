@@ -46,12 +46,11 @@ from . import scenes
 from .train import (
     CAPTION_DROPOUT,
     SceneSet,
-    WeightAverage,
-    _cosine,
     _encode_scenes,
     _forget_where_loaded_from,
     _noised,
     _optimise,
+    joint_training,
 )
 
 # What the pipeline embeds for a 64 px picture: original size, crop corner, target size.
@@ -152,18 +151,13 @@ def train_xl(plan: XLPlan, seed: int, vae, trained_sd: Path, log) -> dict:
 
     towers = [unet, components["text_encoder"], components["text_encoder_2"]]
     modules = [*towers, *per_type.values(), union]
-    for module in modules:
-        module.train()
-    parameters = [p for module in modules for p in module.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=1e-4)
-    schedule = _cosine(optimizer, plan.steps, warmup=200)
+    parameters, optimizer, schedule, average = joint_training(modules, plan.steps)
     rng = np.random.default_rng(seed + 32)
     generator = torch.Generator().manual_seed(seed + 33)
     modes = ("none", "canny", "depth", "pose")
     mode_odds = (0.3, 0.26, 0.26, 0.18)
     num_control_type = union.config.num_control_type
     time_ids = torch.tensor([SIZE_NUMBERS], dtype=torch.float32).repeat(plan.batch, 1)
-    average = WeightAverage(parameters)
     running: dict[str, list[float]] = {}
     for step in range(plan.steps):
         mode = str(rng.choice(modes, p=mode_odds))
