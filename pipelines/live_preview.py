@@ -61,7 +61,12 @@ class LatentDecoder:
         with torch.inference_mode():
             # A copy of the step's latents, in the decoder's dtype: the run's own stay put.
             z = latents.detach().to(device=vae.device, dtype=vae.dtype) / scale + shift
-            pixels = vae.decode(z, return_dict=False)[0]
+            # One sample at a time: a convolution over a batch may round differently from
+            # one over a single sample, and a preview must be the same bytes whoever else
+            # shares its pass (measured on one CPU thread: it was not, batched).
+            pixels = torch.cat(
+                [vae.decode(z[i : i + 1], return_dict=False)[0] for i in range(len(z))]
+            )
             pixels = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return [Image.fromarray(sample.permute(1, 2, 0).cpu().numpy()) for sample in pixels]
 
