@@ -113,6 +113,19 @@ def pick_device_and_dtype(
     return device, getattr(torch, dtype)
 
 
+def use_one_cpu_thread_for_tiny_models(family: ModelFamily, device: str) -> None:
+    """The tiny families on a CPU run torch on one intra-op thread, unless OMP_NUM_THREADS
+    says otherwise. Their operations are too small to share (one thread is the faster), and
+    OpenMP gives each thread that runs torch its own helpers: once a control-map preview has
+    run its detector in a page thread, two threads each make more helpers than cores, OpenMP
+    stops spinning between operations, and every image took 3-4x as long (bench/cpu_threads.py).
+    Real sizes keep torch's threads: their large operations are worth sharing."""
+    import torch
+
+    if device == "cpu" and family.is_local_build and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+
+
 # (run, seconds) -> run under a GPU slot of about seconds(works); see Engine.__init__.
 GpuSlot = Callable[[Callable, Callable], Callable]
 
@@ -167,6 +180,7 @@ class Engine:
         self.device, self.dtype = pick_device_and_dtype(
             family, device, dtype, fp16_safe_vae=vae is not None
         )
+        use_one_cpu_thread_for_tiny_models(family, self.device)
         self.notice = notice
         self._lock = threading.RLock()
         self.scheduler = FairScheduler(self._run_batch, queue_rules)

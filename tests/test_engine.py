@@ -388,3 +388,29 @@ def test_captions_and_notes_name_a_unit_by_its_number_on_the_page(engine):
     assert [w for w in outcome.warnings if "will not steer" in w][0].startswith("Control 2 ")
     preview = service.preview_control({"control_type": "canny", "control_image": blank}, position=2)
     assert preview.note.startswith("Control 2 (canny)")
+
+
+def test_the_tiny_families_run_on_one_cpu_thread_unless_the_operator_says(monkeypatch):
+    """bench/cpu_threads.py measures why; real sizes keep torch's threads."""
+    import torch
+
+    from pipelines.engine import use_one_cpu_thread_for_tiny_models
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        for family, device, expected in (
+            ("tiny", "cpu", 1),
+            ("tiny-xl", "cpu", 1),
+            ("sd15", "cpu", 2),
+            ("tiny", "cuda", 2),
+        ):
+            torch.set_num_threads(2)
+            use_one_cpu_thread_for_tiny_models(FAMILIES[family], device)
+            assert torch.get_num_threads() == expected, (family, device)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(2)
+        use_one_cpu_thread_for_tiny_models(FAMILIES["tiny"], "cpu")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
