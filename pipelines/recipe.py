@@ -393,11 +393,15 @@ def _snippet_preamble(recipe: Recipe, classes: Mapping[str, str]) -> list[str]:
         ]
     # SDXL's VAE overflows in float16; bfloat16 has float32's range (as the engine picks).
     gpu_dtype = "bfloat16" if recipe.model.get("architecture") == "sdxl" else "float16"
-    return lines + [
+    lines += [
         "",
         'device = "cuda" if torch.cuda.is_available() else "cpu"',
         f'dtype = torch.{gpu_dtype} if device == "cuda" else torch.float32',
     ]
+    if builder is not None:
+        # The engine runs the tiny models on one CPU thread; another count rounds differently.
+        lines += ['if device == "cpu":', "    torch.set_num_threads(1)  # as Stencil runs it"]
+    return lines
 
 
 def _model_ref(recipe: Recipe, ref: str) -> str:
