@@ -444,6 +444,28 @@ def parse_size_names(parser, text: str, known: Mapping[str, Any]) -> list[str]:
     return names
 
 
+def report_head(title: str, began: float, dtype_note: str) -> list[str]:
+    """A results file's opening lines: its title, when and by what command it was measured
+    (and in how long since `began`, a `time.perf_counter()`), and the machine."""
+    import datetime
+
+    return [
+        f"# {title}",
+        "",
+        f"Measured {datetime.date.today().isoformat()} in {time.perf_counter() - began:.0f} s"
+        f" with `{command_line()}`.",
+        "",
+        *machine_lines(dtype_note),
+    ]
+
+
+def write_table_report(
+    path: Path, title: str, began: float, dtype_note: str, how: str, table: str
+) -> None:
+    """A results file of one table: `report_head`, a line on how it was measured, the table."""
+    write_report("\n".join([*report_head(title, began, dtype_note), "", how, "", table, ""]), path)
+
+
 def write_report(text: str, path: Path) -> None:
     """Write the results file, print it, and say where it went."""
     path = Path(path).resolve()

@@ -15,7 +15,6 @@ must be the same bytes, or the comparison would be of different work. Few-step r
 
 from __future__ import annotations
 
-import datetime
 import statistics
 import time
 
@@ -83,22 +82,14 @@ def main(argv: list[str] | None = None) -> None:
             ]
         )
     headers = ["steps", "plain pipeline", "Engine.generate", "ratio", "overhead", "same bytes"]
-    text = "\n".join(
-        [
-            "# Per-request overhead",
-            "",
-            f"Measured {datetime.date.today().isoformat()} in {time.perf_counter() - began:.0f} s"
-            f" with `{common.command_line()}`.",
-            "",
-            *common.machine_lines("float32, tiny family, 64 px, one torch thread"),
-            "",
-            "Medians of alternated runs; both sides make the same image (checked).",
-            "",
-            markdown_table(headers, rows),
-            "",
-        ]
+    common.write_table_report(
+        args.output,
+        "Per-request overhead",
+        began,
+        "float32, tiny family, 64 px, one torch thread",
+        "Medians of alternated runs; both sides make the same image (checked).",
+        markdown_table(headers, rows),
     )
-    common.write_report(text, args.output)
 
 
 if __name__ == "__main__":
