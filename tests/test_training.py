@@ -68,3 +68,30 @@ def test_training_is_deterministic_from_its_seed():
     second = train.train_vae(plan, seed=9, log=lambda message: None).state_dict()
     assert first.keys() == second.keys()
     assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_the_tiny_xl_stage_is_deterministic_from_its_seed():
+    """Two steps from the committed SD run, twice: every trained tensor the same bits."""
+    from diffusers import AutoencoderKL
+
+    from pipelines.tiny import TRAINED_TINY_DIR
+    from pipelines.tiny_xl import TINY_XL_SIZE
+    from tiny_training import train_xl
+
+    plan = train_xl.XLPlan(steps=2, scenes=8, batch=4)
+
+    def trained(global_seed: int) -> dict:
+        torch.manual_seed(global_seed)  # the stage seeds itself: the global state does not matter
+        vae = AutoencoderKL.from_pretrained(TRAINED_TINY_DIR / "vae").eval()
+        vae = train_xl.rescaled_vae(vae, TINY_XL_SIZE.sd.vae_scaling_factor)
+        parts = train_xl.train_xl(plan, 9, vae, TRAINED_TINY_DIR, log=lambda message: None)
+        modules = {"unet": parts["pipe"].unet, "union": parts["union"], **parts["controlnets"]}
+        return {
+            f"{name}.{key}": value
+            for name, module in modules.items()
+            for key, value in module.state_dict().items()
+        }
+
+    first, second = trained(0), trained(1)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[key], second[key]) for key in first)
