@@ -111,7 +111,6 @@ class TrainedWeights:
 
 
 TINY_WEIGHTS = TrainedWeights(TRAINED_TINY_DIR, "tiny-sd-", "tiny_training.train")
-TINY_FOLDER_PREFIX = TINY_WEIGHTS.cache_prefix
 
 
 def tiny_family_dir(cache_root: Path) -> Path:

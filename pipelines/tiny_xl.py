@@ -1,10 +1,10 @@
 """The built-in tiny SDXL family: every SDXL code path, offline, at a size CI can run.
 
-Random seeded weights (it draws patterns, not pictures: the trained tiny family,
-`pipelines.tiny`, is the one that draws), built by `pipelines.sdxl_builder` into the cache
-and loaded back with the same `from_pretrained` call as SDXL's real weights. It has the
-SDXL parts that matter for code: two text towers and tokenizers, the size conditioning, an
-SDXL VAE scale, per-control SDXL ControlNets and one ControlNet Union model.
+Its architecture is `pipelines.sdxl_builder`'s at `TINY_XL_SIZE`; its weights are trained on
+the tiny family's shapes by `tiny_training/train_xl.py` and kept in `models/stencil-tiny-xl/`,
+copied to the cache and loaded back with the same `from_pretrained` call as SDXL's real
+weights. It has the SDXL parts that matter for code: two text towers and tokenizers, the size
+conditioning, an SDXL VAE scale, per-control SDXL ControlNets and one ControlNet Union model.
 """
 
 from __future__ import annotations

@@ -62,9 +62,9 @@ def _draw(engine, scene, seed, **fields):
     return engine.generate(request).images[0]
 
 
-def _unit(control_type, image, **params):
-    # At the resolution the page and the API default to for this family: its own 64 px.
-    resolution = FAMILIES["tiny"].default_size
+def _unit(control_type, image, family="tiny", **params):
+    # At the resolution the page and the API default to for the family: its own 64 px.
+    resolution = FAMILIES[family].default_size
     return ControlUnit(control_type=control_type, image=image, resolution=resolution, params=params)
 
 
@@ -269,7 +269,7 @@ def test_on_tiny_xl_a_canny_map_puts_the_edges_where_it_says(xl_engines):
     without = []
     for seed, scene in enumerate(_scenes(XL_SAMPLES, 212, figure=None, edges=True)):
         edges = scenes.canny_map(scene)
-        unit = _unit("canny", scenes.render(scene))
+        unit = _unit("canny", scenes.render(scene), "tiny-xl")
         for kind, xl in xl_engines.items():
             with_map[kind].append(measure.edge_f1(_draw(xl, scene, seed, controls=(unit,)), edges))
         without.append(measure.edge_f1(_draw(xl_engines["per-control"], scene, seed), edges))
@@ -282,7 +282,8 @@ def test_on_tiny_xl_a_depth_or_pose_map_moves_the_shape(xl_engines, control_type
     moved = {kind: [] for kind in xl_engines}
     free = []
     for seed, scene in enumerate(_scenes(XL_SAMPLES, 313, figure=control_type == "pose")):
-        unit = _unit("image", scenes.control_map(scene, control_type), map_type=control_type)
+        drawn = scenes.control_map(scene, control_type)
+        unit = _unit("image", drawn, "tiny-xl", map_type=control_type)
         target = scenes.shape_mask(scene)
         for kind, xl in xl_engines.items():
             controlled = measure.read_picture(_draw(xl, scene, seed, controls=(unit,)))

@@ -42,7 +42,7 @@ class Reading:
 
 def nearest_colour(rgb, palette: dict[str, tuple[int, int, int]] | None = None) -> str:
     palette = palette or scenes.COLOURS
-    return min(palette, key=lambda name: _distance(rgb, palette[name]))
+    return min(palette, key=lambda name: colour_distance(rgb, palette[name]))
 
 
 def inverted_palette() -> dict[str, tuple[int, int, int]]:
@@ -52,10 +52,6 @@ def inverted_palette() -> dict[str, tuple[int, int, int]]:
 
 def colour_distance(a, b) -> float:
     """RGB distance: 0 for the same colour, 441 from black to white."""
-    return _distance(a, b)
-
-
-def _distance(a, b) -> float:
     return float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64)))
 
 
